@@ -1,0 +1,109 @@
+"""The `prunepath` torch.compile backend: find FFNs, calibrate, build experts, train routers,
+rewrite to sparse-FFN nodes, compile with Inductor.
+
+    compiled = torch.compile(model, backend="prunepath", options={"tau": 0.9, "calibration": ids})
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .ffn import REGISTRY
+from .graph import graph_tensors
+from .options import Options
+from .passes import Context, PASSES, run_passes
+from .passes.rewrite import EXTRA_INPUTS
+
+_warned_frames = set()
+
+
+def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    """torch.compile backend (registered by name through the `torch_dynamo_backends` entry point)."""
+    opts = Options.from_dict(options)
+    dense, work = _copy(gm), _copy(gm)  # dynamo keeps using its own graph: we work on copies
+    ctx = Context(list(example_inputs), graph_tensors(work, example_inputs), opts, options)
+    gm = run_passes(work, ctx)
+    layout = gm.meta.get("ppcompile_inputs", [])
+    if not layout:
+        _warn_dense(gm)
+        return inner_compile(dense, list(example_inputs))
+    sparse = SparseGraph(gm, layout, dense, opts)
+    sparse.compiled = inner_compile(gm, list(example_inputs) + sparse.extra_inputs(example_inputs))
+    return sparse
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+class SparseGraph:
+    """The compiled graph plus, per call, the router/tau/stats inputs of the FFNs whose weights
+    it is called with (looked up by weight identity, so a graph that dynamo reuses for another
+    layer uses that layer's plan; one never seen is planned on the spot from the call's inputs)."""
+
+    def __init__(self, gm, layout, dense_gm, options):
+        self.layout, self.dense_gm, self.options = layout, dense_gm, options
+        self.compiled = None
+        self._key, self._extras = None, None
+
+    def __call__(self, *args):
+        key = tuple(id(args[up]) for up, _, _ in self.layout)
+        if key != self._key or any(e is None for e in self._extras):
+            self._extras = self.extra_inputs(args)
+            self._key = key
+        return self.compiled(*args, *self._extras)
+
+    def extra_inputs(self, args) -> list:
+        states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
+        if any(s is None for s in states):
+            self._plan_unseen(args)
+            states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
+        extras = []
+        for (up, down, size), state in zip(self.layout, states):
+            if state.expert_size != size:
+                raise RuntimeError(
+                    f"ppcompile: FFN '{state.name}' was re-planned with expert_size="
+                    f"{state.expert_size} after this graph was compiled for {size}; compile again")
+            extras += [getattr(state, name) for name in EXTRA_INPUTS]
+        return extras
+
+    def _plan_unseen(self, args):
+        warnings.warn(
+            "ppcompile: this compiled graph is called with weights it has no plan for (dynamo "
+            "reuses one graph for several instances of a module); calibrating them on this "
+            "call's inputs", stacklevel=3)
+        gm = _copy(self.dense_gm)
+        ctx = Context(list(args), graph_tensors(gm, args), self.options.replace(calibration=None))
+        passes = [p for p in PASSES if p.__name__ != "rewrite"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_passes(gm, ctx, passes)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm's graph, sharing gm's attributes, with the metadata that AOTAutograd reads
+    off dynamo graphs (sources of inputs, which inputs are static)."""
+    graph = fx.Graph()
+    env = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copy
+
+
+def _warn_dense(gm):
+    frame = gm.meta.get("dynamo_compile_id")
+    frame = getattr(frame, "frame_id", frame)
+    if frame is not None and frame in _warned_frames:
+        return
+    _warned_frames.add(frame)
+    warnings.warn("ppcompile: no FFN matched in this graph; it is compiled dense", stacklevel=2)

@@ -1,0 +1,131 @@
+"""What the passes know about one FFN: where it is in the graph (FFNMatch) and its runtime state
+once sparsified (SparseFFN), kept per set of weights so that nothing leaks between layers."""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph import Projection
+
+GATED_KIND = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu",
+              "quick_gelu": "geglu"}
+
+
+@dataclass(eq=False)
+class FFNMatch:
+    """An FFN found in the graph: x -> up (and gate) projection -> activation -> down projection.
+
+    `region` holds the nodes strictly between the projections (activation, gating, reshapes);
+    the rewrite removes them with the projections. `fused` is "gate_first" or "up_first" when
+    gate and up are the two halves of one projection (Phi-3's gate_up_proj)."""
+
+    name: str
+    activation: str
+    x: fx.Node
+    up: Projection
+    gate: Projection | None
+    down: Projection
+    region: list
+    fused: str | None
+    d_model: int
+    d_ff: int
+    state: SparseFFN | None = None  # set once the FFN has a plan (attach_plans, train_routers)
+    sample: dict | None = None  # calibration sample {"x": [n, d], "h": [n, d_ff]} (calibrate)
+    perm: torch.Tensor | None = None  # neuron order of the weights w.r.t. the original (build_experts)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.fused is not None
+
+    @property
+    def kind(self) -> str:
+        return GATED_KIND[self.activation] if self.gated else self.activation
+
+    def weights(self, values) -> dict:
+        """The FFN's tensors in nn.Linear layout ([out, in]); views of the model's parameters,
+        so writing into them writes the model."""
+        up_w, up_b = self.up.weight_view(values), self.up.bias_tensor(values)
+        if self.fused is not None:
+            halves = (slice(0, self.d_ff), slice(self.d_ff, 2 * self.d_ff))
+            g, u = halves if self.fused == "gate_first" else halves[::-1]
+            gate_w, gate_b = up_w[g], None if up_b is None else up_b[g]
+            up_w, up_b = up_w[u], None if up_b is None else up_b[u]
+        elif self.gate is not None:
+            gate_w, gate_b = self.gate.weight_view(values), self.gate.bias_tensor(values)
+        else:
+            gate_w = gate_b = None
+        return dict(w_up=up_w, b_up=up_b, w_gate=gate_w, b_gate=gate_b,
+                    w_down=self.down.weight_view(values), b_down=self.down.bias_tensor(values))
+
+    def key_params(self, values) -> tuple:
+        """The parameters that identify this FFN (its up and down weights)."""
+        return values[self.up.weight], values[self.down.weight]
+
+
+@dataclass(eq=False)
+class SparseFFN:
+    """Runtime state of one sparsified FFN: its router, tau and statistics. Owned by the registry,
+    keyed by the FFN's weights, and shared by every graph that computes this FFN."""
+
+    name: str
+    kind: str
+    activation: str
+    d_model: int
+    d_ff: int
+    expert_size: int
+    router_w: torch.Tensor
+    router_b: torch.Tensor
+    tau: torch.Tensor  # 0-d float32, changed in place by set_tau
+    stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
+    perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
+    plan_key: tuple = ()
+    options_source: object = field(default=None, repr=False)  # the options dict that set tau
+
+    def __post_init__(self):
+        self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
+
+    @property
+    def num_experts(self) -> int:
+        return self.d_ff // self.expert_size
+
+    def active_fraction(self) -> float | None:
+        active, tokens = self.stats.tolist()
+        return None if tokens == 0 else active / (tokens * self.d_ff)
+
+    def set_tau(self, tau: float):
+        self.tau.fill_(tau)
+        self.stats.zero_()
+
+
+class Registry:
+    """SparseFFN states keyed by the identity of the FFN's up and down weights. An entry dies
+    with its weights; a graph reused for another layer finds that layer's own state (or none)."""
+
+    def __init__(self):
+        self._states: dict[tuple[int, int], SparseFFN] = {}
+
+    def get(self, up_weight, down_weight) -> SparseFFN | None:
+        return self._states.get((id(up_weight), id(down_weight)))
+
+    def put(self, up_weight, down_weight, state: SparseFFN):
+        key = (id(up_weight), id(down_weight))
+        if key not in self._states:
+            weakref.finalize(up_weight, self._states.pop, key, None)
+        self._states[key] = state
+
+    def states_of(self, params) -> list[SparseFFN]:
+        """States whose weights are among `params`, in the order of `params`."""
+        ids = [id(p) for p in params]
+        by_up = {}
+        for (up, down), state in self._states.items():
+            by_up.setdefault(up, []).append((down, state))
+        known, out = set(ids), []
+        for i in ids:
+            out += [s for down, s in by_up.get(i, []) if down in known]
+        return out
+
+
+REGISTRY = Registry()

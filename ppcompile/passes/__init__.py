@@ -1,0 +1,35 @@
+"""The pass pipeline, in order. Each pass is a function (gm, ctx) -> gm with a docstring that says
+what it matches and what it guarantees; the backend runs them with `run_passes`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..options import Options
+from .attach_plans import attach_plans
+from .build_experts import build_experts
+from .calibrate import calibrate
+from .find_ffns import find_ffns
+from .rewrite import rewrite
+from .train_routers import train_routers
+
+
+@dataclass
+class Context:
+    """What every pass may read: the example inputs of this graph, their tensors by node, and the
+    options."""
+
+    example_inputs: list
+    values: dict
+    options: Options
+    options_source: object = None  # the dict given to torch.compile, to tell compile calls apart
+
+
+PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, rewrite]
+
+
+def run_passes(gm: fx.GraphModule, ctx: Context, passes=None) -> fx.GraphModule:
+    for graph_pass in PASSES if passes is None else passes:
+        gm = graph_pass(gm, ctx)
+    return gm

@@ -1,0 +1,162 @@
+"""Pass 3: run the captured graph on calibration inputs and sample what each FFN sees.
+
+Matches: FFNs without a plan. The graph runs eagerly on windows of `options.calibration` cut to
+the traced input's shape (every other input keeps its example value), one batch at a time.
+Guarantees: the graph is unchanged; each such FFN gets `sample = {"x": [n, d], "h": [n, d_ff]}`
+(its inputs and intermediate activations, float32, on the weights' device) for n tokens drawn
+uniformly at random over all calibration tokens, n <= options.calibration_tokens, so memory stays
+bounded however much text is given. Deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from ..graph import concrete, is_user_input
+from ..options import OptionError
+
+
+def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    todo = [f for f in gm.meta["ppcompile_ffns"] if f.state is None]
+    if not todo:
+        return gm
+    batches = calibration_batches(gm, ctx)
+    sampler = _Sampler(todo, len(batches), ctx.options)
+    observed = _observed_copy(gm, todo, sampler)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for inputs in tqdm(batches, desc="ppcompile: calibrating", unit="batch", leave=False,
+                           disable=len(batches) < 2):
+            observed(*inputs)
+            sampler.next_batch()
+    for ffn in todo:
+        ffn.sample = sampler.result(ffn)
+    print(f"ppcompile: calibrated {len(todo)} FFNs on {sampler.total_rows} tokens "
+          f"({len(batches)} batches) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return gm
+
+
+def calibration_batches(gm: fx.GraphModule, ctx) -> list[list]:
+    """Full input lists for the graph: the example inputs with the calibration input replaced by
+    consecutive windows of the calibration data."""
+    example = [concrete(v) for v in ctx.example_inputs]
+    data = ctx.options.calibration
+    if data is None:
+        warnings.warn(
+            "ppcompile: no calibration data: calibrating on the inputs of this first call only; "
+            "pass options={'calibration': token_ids} (LongTensor [N, T]) for a useful plan",
+            stacklevel=2)
+        return [example]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = _calibration_input(placeholders, example, data)
+    traced = example[index]
+    windows = _windows(data, traced.shape).to(device=traced.device, dtype=traced.dtype)
+    per_batch = traced.shape[0]
+    if len(windows) < per_batch:
+        raise OptionError(
+            f"option 'calibration' has {len(windows)} windows of shape {tuple(traced.shape[1:])}, "
+            f"fewer than the traced batch size {per_batch}; give more calibration data")
+    batches = []
+    for start in range(0, len(windows) - per_batch + 1, per_batch):
+        inputs = list(example)
+        inputs[index] = windows[start:start + per_batch]
+        batches.append(inputs)
+    return batches
+
+
+def _calibration_input(placeholders, example, data) -> int:
+    """Index of the graph input that the calibration data stands for: a user input (not a
+    parameter or buffer) of the same kind of dtype and trailing sizes; `input_ids` first."""
+    candidates = []
+    for i, (node, value) in enumerate(zip(placeholders, example)):
+        if not is_user_input(node, value):
+            continue
+        if value.dtype.is_floating_point != data.dtype.is_floating_point:
+            continue
+        if value.dim() < 1 or tuple(value.shape[2:]) != tuple(data.shape[2:]) or \
+                data.dim() not in (value.dim(), 1 if value.dim() == 2 else -1):
+            continue
+        candidates.append(i)
+    if not candidates:
+        inputs = [f"{n.name} {tuple(v.shape)} {v.dtype}" for n, v in zip(placeholders, example)
+                  if is_user_input(n, v)]
+        raise OptionError(
+            f"option 'calibration' ({data.dtype} {tuple(data.shape)}) fits none of the compiled "
+            f"graph's inputs ({', '.join(inputs) or 'none'}); pass token ids [N, T] for a "
+            f"language model, or tensors shaped like the module's first input")
+    named = [i for i in candidates if "input_ids" in placeholders[i].name]
+    return (named or candidates)[0]
+
+
+def _windows(data: torch.Tensor, shape) -> torch.Tensor:
+    """Cut [N, T, ...] data into [n, T0, ...] windows of the traced length T0 (a 1-D token stream
+    is one row)."""
+    if len(shape) < 2:
+        return data
+    if data.dim() == 1:
+        data = data.unsqueeze(0)
+    length, traced = data.shape[1], shape[1]
+    if length < traced:
+        raise OptionError(
+            f"option 'calibration' has sequences of length {length}, shorter than the traced "
+            f"input length {traced}; pass sequences of at least {traced} tokens")
+    per_row = length // traced
+    data = data[:, :per_row * traced]
+    return data.reshape(data.shape[0] * per_row, traced, *data.shape[2:])
+
+
+class _Sampler:
+    """Keeps, per FFN, the rows (tokens) at a fixed random set of positions over all batches."""
+
+    def __init__(self, ffns, num_batches, options):
+        self.ffns, self.num_batches, self.options = ffns, num_batches, options
+        self.batch, self.rows_per_batch, self.picks = 0, None, None
+        self.parts = {ffn: {"x": [], "h": []} for ffn in ffns}
+
+    @property
+    def total_rows(self):
+        return (self.rows_per_batch or 0) * self.num_batches
+
+    def add(self, ffn, x, h):
+        x, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, ffn.d_ff)
+        if self.picks is None:
+            self.rows_per_batch = x.shape[0]
+            gen = torch.Generator().manual_seed(self.options.seed)
+            keep = min(self.options.calibration_tokens, self.total_rows)
+            chosen = torch.randperm(self.total_rows, generator=gen)[:keep].sort().values
+            self.picks = [chosen[(chosen >= b * x.shape[0]) & (chosen < (b + 1) * x.shape[0])]
+                          - b * x.shape[0] for b in range(self.num_batches)]
+        rows = self.picks[self.batch].to(x.device)
+        self.parts[ffn]["x"].append(x.index_select(0, rows).float())
+        self.parts[ffn]["h"].append(h.index_select(0, rows).float())
+
+    def next_batch(self):
+        self.batch += 1
+
+    def result(self, ffn):
+        return {k: torch.cat(v) for k, v in self.parts.pop(ffn).items()}
+
+
+def _observed_copy(gm: fx.GraphModule, ffns, sampler) -> fx.GraphModule:
+    """A copy of gm that hands each FFN's input and hidden activation to the sampler."""
+    graph = fx.Graph()
+    env = {}
+    output = graph.graph_copy(gm.graph, env)
+    graph.output(output)
+    for ffn in ffns:
+        hidden = env[ffn.down.x]
+        with graph.inserting_after(hidden):
+            graph.call_function(_recorder(sampler, ffn), (env[ffn.x], hidden))
+    return fx.GraphModule(gm, graph)
+
+
+def _recorder(sampler, ffn):
+    def record(x, h):
+        sampler.add(ffn, x, h)
+    record.__name__ = f"record_{ffn.name.replace('.', '_')}"
+    return record

@@ -1,0 +1,165 @@
+"""Pass 1: find the FFNs of a dynamo graph by structure, not by module names.
+
+Matches: a projection (F.linear, Conv1D's addmm, x @ W.T + b) whose input is computed only from
+the outputs of one or two other projections of a common input x, through nodes that touch no
+other tensor (activation, gating, chunking, reshapes). The piece between the projections is then
+run on random probes and must equal one of the known FFN forms:
+    act(u)                          GELU (erf), tanh GELU (gelu_new, gelu_fast), quick_gelu, ReLU, SiLU
+    act(g) * u                      SwiGLU, GeGLU, ReGLU with separate gate and up projections
+    act(u[:F]) * u[F:] (or swapped) the same with a fused gate_up projection (Phi-3)
+so an activation spelled out as a formula (GPT-2's gelu_new) matches like F.gelu does.
+
+Guarantees: the graph is unchanged; gm.meta["ppcompile_ffns"] lists FFNMatch objects whose
+projections and region nodes are used by nothing outside the FFN, no node belongs to two FFNs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..ffn import FFNMatch
+from ..graph import Projection, concrete, match_projection, produces_tensor, run_nodes, source_name
+from ..kernels.reference import ACTIVATIONS
+
+MAX_REGION_NODES = 64
+
+
+def find_ffns(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    values = ctx.values
+    projections = {}
+    for node in gm.graph.nodes:
+        proj = match_projection(node, values)
+        if proj is not None:
+            projections[proj.node] = proj
+    taken, ffns = set(), []
+    for down in projections.values():
+        match = _match_ffn(down, projections, values)
+        if match is None:
+            continue
+        nodes = {*match.region, *match.down.nodes, *match.up.nodes,
+                 *(match.gate.nodes if match.gate else ())}
+        if nodes & taken:
+            continue
+        taken |= nodes
+        ffns.append(match)
+    gm.meta["ppcompile_ffns"] = ffns
+    return gm
+
+
+def _match_ffn(down: Projection, projections, values) -> FFNMatch | None:
+    region, frontier = _region_between(down, projections)
+    if not region or not frontier or len(frontier) > 2:
+        return None
+    if len({p.x for p in frontier}) != 1:
+        return None
+    inside = set(region) | {down.node, *down.nodes}
+    for node in [*region, *(p.node for p in frontier)]:
+        if any(user not in inside for user in node.users):
+            return None  # an intermediate value is used elsewhere: not a self-contained FFN
+    weights = [p.weight_view(values) for p in frontier]
+    d_model = weights[0].shape[1]
+    d_ff = down.weight_view(values).shape[1]
+    if any(w.shape[1] != d_model for w in weights):
+        return None
+    if [w.shape[0] for w in weights] not in ([d_ff, d_ff], [d_ff], [2 * d_ff]):
+        return None
+    form = _identify(region, frontier, down, d_ff, values)
+    if form is None:
+        return None
+    activation, shape = form
+    up, gate, fused = frontier[0], None, None
+    if shape == "gate_first_pair":
+        gate, up = frontier
+    elif shape == "gate_second_pair":
+        up, gate = frontier
+    elif shape in ("gate_first", "up_first"):
+        fused = shape
+    names = [source_name(p.weight) for p in (up, down)]
+    return FFNMatch(name=_common_prefix(names), activation=activation, x=up.x, up=up, gate=gate,
+                    down=down, region=region, fused=fused, d_model=d_model, d_ff=d_ff)
+
+
+def _region_between(down: Projection, projections):
+    """Walk back from the down projection's input to the projections that feed it. Returns the
+    region nodes (graph order) and the feeding projections, or ([], None) if any other tensor
+    (a placeholder, a constant tensor, an unknown node) flows in."""
+    region, frontier, stack, seen = [], [], [down.x], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in projections:
+            frontier.append(projections[node])
+            continue
+        if node.op not in ("call_function", "call_method") or len(region) >= MAX_REGION_NODES:
+            return [], None
+        region.append(node)
+        for arg in node.all_input_nodes:
+            if produces_tensor(arg):
+                stack.append(arg)
+    order = {n: i for i, n in enumerate(down.node.graph.nodes)}
+    region.sort(key=order.__getitem__)
+    frontier.sort(key=lambda p: order[p.node])
+    return region, frontier
+
+
+def _identify(region, frontier, down, d_ff, values):
+    """Run the region on random probes; return (activation, shape) of the first FFN form it
+    equals, or None. Probes are float64 so that GELU and its tanh approximation differ."""
+    gen = torch.Generator().manual_seed(0)
+    probes = []
+    for p in frontier:
+        example = p.node.meta.get("example_value", p.node.meta.get("val"))
+        if not isinstance(example, torch.Tensor):
+            return None
+        shape = concrete(tuple(example.shape))
+        probes.append(torch.rand(shape, generator=gen, dtype=torch.float64) * 12 - 6)
+    try:
+        env = run_nodes(region, {p.node: t for p, t in zip(frontier, probes)}, values)
+        out = env[down.x]
+    except Exception:  # any op that cannot run on a probe is not part of an FFN we know
+        return None
+    rows = probes[0].numel() // probes[0].shape[-1]
+    if not isinstance(out, torch.Tensor) or out.numel() != rows * d_ff:
+        return None
+    out = out.reshape(-1, d_ff).double()
+    flat = [t.reshape(-1, t.shape[-1]) for t in probes]
+    candidates = []
+    for name, act in ACTIVATIONS.items():
+        if len(frontier) == 2:
+            a, b = flat
+            candidates += [(name, "gate_first_pair", act(a) * b), (name, "gate_second_pair", act(b) * a)]
+        elif flat[0].shape[-1] == 2 * d_ff:
+            lo, hi = flat[0][:, :d_ff], flat[0][:, d_ff:]
+            candidates += [(name, "gate_first", act(lo) * hi), (name, "up_first", act(hi) * lo)]
+        else:
+            candidates.append((name, "plain", act(flat[0])))
+    scale = out.abs().max().clamp_min(1e-12)
+    errors = [((out - ref).abs().max() / scale).item() for _, _, ref in candidates]
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    if errors[best] > _tolerance(region, values):
+        return None
+    name, shape, _ = candidates[best]
+    return name, shape
+
+
+def _tolerance(region, values):
+    """Relative tolerance of the probe comparison: tight, unless the region itself rounds to a
+    low-precision dtype (a model that casts inside its activation)."""
+    eps = 1e-6
+    for node in region:
+        for arg in (*node.args, *node.kwargs.values()):
+            if isinstance(arg, torch.dtype) and arg.is_floating_point:
+                eps = max(eps, 4 * torch.finfo(arg).eps)
+    return eps
+
+
+def _common_prefix(names):
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for group in zip(*parts):
+        if len(set(group)) != 1:
+            break
+        prefix.append(group[0])
+    return ".".join(prefix) or names[0]

@@ -1,0 +1,61 @@
+"""User-facing views of a compiled model: report() and set_tau()."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tabulate import tabulate
+
+from .ffn import REGISTRY, SparseFFN
+from .options import check_tau
+
+
+def _states(compiled) -> list[SparseFFN]:
+    module = getattr(compiled, "_orig_mod", compiled)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"ppcompile: expected the module returned by torch.compile (or the module itself), "
+            f"got {type(compiled).__name__}")
+    return REGISTRY.states_of(list(module.parameters()))
+
+
+def set_tau(compiled, tau: float) -> None:
+    """Set tau for every sparse FFN of this model, at run time (no recompilation), and reset the
+    statistics that report() shows."""
+    tau = check_tau(tau, "tau")
+    for state in _states(compiled):
+        state.set_tau(tau)
+
+
+@dataclass
+class Report:
+    """rows: one dict per sparse FFN (name, kind, d_model, d_ff, expert_size, num_experts, tau,
+    active_fraction: token-weighted share of neurons computed since the last set_tau or compile,
+    None before the first call)."""
+
+    rows: list
+
+    @property
+    def active_fraction(self) -> float | None:
+        """Mean active fraction over FFNs, weighted by FFN width (None if nothing ran yet)."""
+        rows = [r for r in self.rows if r["active_fraction"] is not None]
+        if not rows:
+            return None
+        return sum(r["active_fraction"] * r["d_ff"] for r in rows) / sum(r["d_ff"] for r in rows)
+
+    def __str__(self):
+        if not self.rows:
+            return "ppcompile: no sparse FFN in this model"
+        table = tabulate(self.rows, headers="keys", floatfmt=".3f", missingval="-")
+        mean = self.active_fraction
+        tail = "" if mean is None else f"\nmean active fraction: {mean:.3f}"
+        return table + tail
+
+
+def report(compiled) -> Report:
+    rows = []
+    for s in _states(compiled):
+        rows.append(dict(name=s.name, kind=s.kind, d_model=s.d_model, d_ff=s.d_ff,
+                         expert_size=s.expert_size, num_experts=s.num_experts,
+                         tau=round(float(s.tau), 4), active_fraction=s.active_fraction()))
+    return Report(rows)

@@ -1,0 +1,31 @@
+"""Tiny random Hugging Face models of every family we support, built offline (no hub)."""
+import torch
+import transformers as T
+
+VOCAB = 128
+
+# family -> (config class, model class, config kwargs, expected FFN kind)
+FAMILIES = {
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64), "gelu_tanh"),
+    "bert": (T.BertConfig, T.BertModel, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64), "gelu"),
+    "roberta": (T.RobertaConfig, T.RobertaModel, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=72), "gelu"),
+    "opt": (T.OPTConfig, T.OPTForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32), "relu"),
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64), "gelu"),
+    "gptj": (T.GPTJConfig, T.GPTJForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64), "gelu_tanh"),
+    "falcon": (T.FalconConfig, T.FalconForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True), "gelu"),
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), "swiglu"),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), "swiglu"),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), "swiglu"),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "geglu"),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0), "swiglu"),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, kwargs, _ = FAMILIES[family]
+    config = config_cls(vocab_size=VOCAB, **{**kwargs, **overrides})
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(config, name, None) is not None and getattr(config, name) >= VOCAB:
+            setattr(config, name, 1)
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
