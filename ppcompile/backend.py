@@ -29,7 +29,7 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     if not layout:
         _warn_dense(gm)
         return inner_compile(dense, list(example_inputs))
-    sparse = SparseGraph(gm, layout, dense, opts)
+    sparse = SparseGraph(layout, dense, opts, options)
     sparse.compiled = inner_compile(gm, list(example_inputs) + sparse.extra_inputs(example_inputs))
     return sparse
 
@@ -45,8 +45,9 @@ class SparseGraph:
     it is called with (looked up by weight identity, so a graph that dynamo reuses for another
     layer uses that layer's plan; one never seen is planned on the spot from the call's inputs)."""
 
-    def __init__(self, gm, layout, dense_gm, options):
-        self.layout, self.dense_gm, self.options = layout, dense_gm, options
+    def __init__(self, layout, dense_gm, options, options_source):
+        self.layout, self.dense_gm = layout, dense_gm
+        self.options, self.options_source = options, options_source
         self.compiled = None
         self._key, self._extras = None, None
 
@@ -74,10 +75,10 @@ class SparseGraph:
     def _plan_unseen(self, args):
         warnings.warn(
             "ppcompile: this compiled graph is called with weights it has no plan for (dynamo "
-            "reuses one graph for several instances of a module); calibrating them on this "
-            "call's inputs", stacklevel=3)
+            "reuses one graph for several instances of a module); planning them now, from the "
+            "calibration option or else this call's inputs", stacklevel=3)
         gm = _copy(self.dense_gm)
-        ctx = Context(list(args), graph_tensors(gm, args), self.options.replace(calibration=None))
+        ctx = Context(list(args), graph_tensors(gm, args), self.options, self.options_source)
         passes = [p for p in PASSES if p.__name__ != "rewrite"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -27,7 +27,8 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             continue
         weights = ffn.weights(ctx.values)
         x, h = ffn.sample["x"], ffn.sample["h"]
-        target = expert_importance(h, weights["w_down"], opts.expert_size)
+        with torch.no_grad():
+            target = expert_importance(h, weights["w_down"], opts.expert_size)
         router_w, router_b = fit_router(x, target, opts.router_steps, opts.seed)
         w_up = weights["w_up"]
         state = SparseFFN(

@@ -1,0 +1,20 @@
+# Two entry points that do all set-up on a fresh machine:
+#   make demo   - the main job: sparsify SmolLM2-135M (from a PyPI wheel) and print quality per tau
+#   make test   - the test suite (CPU; Triton kernels run under TRITON_INTERPRET=1)
+PY ?= python3
+# torch goes in first, on its own: a bare `torch` requirement on a CPU machine would pull
+# several GB of CUDA packages. Override for other machines, e.g.
+#   make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test,models,gpu]"
+
+demo: install
+	$(PY) -m ppcompile demo
+
+test: install
+	$(PY) -m pytest -q tests

@@ -1,0 +1,178 @@
+"""End to end through torch.compile(backend="prunepath") with Inductor on tiny random models of
+every supported family."""
+import importlib
+import warnings
+
+import pytest
+import torch
+
+import ppcompile
+import ppcompile.backend
+from conftest import logits_of, rel_err
+from ppcompile.ffn import REGISTRY
+from tiny_models import FAMILIES, tiny_model
+
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+CALIB = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(1))
+
+
+def compile_model(model, **options):
+    opts = {"tau": 1.0, "calibration": CALIB, "expert_size": 8, "router_steps": 50, **options}
+    return torch.compile(model, backend="prunepath", options=opts)
+
+
+def run(model, ids=IDS):
+    with torch.no_grad():
+        return logits_of(model(ids))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_dense_at_tau_one_and_sparse_below(family):
+    model = tiny_model(family)
+    eager = run(model)
+    compiled = compile_model(model)
+    assert rel_err(run(compiled), eager) < 1e-4
+    rows = ppcompile.report(compiled).rows
+    assert len(rows) == 2 and all(r["active_fraction"] == 1.0 for r in rows)
+    assert {r["kind"] for r in rows} == {FAMILIES[family][3]}
+    assert set(rows[0]) >= {"name", "kind", "d_model", "d_ff", "num_experts", "active_fraction"}
+
+    ppcompile.set_tau(compiled, 0.5)
+    assert all(r["active_fraction"] is None for r in ppcompile.report(compiled).rows)
+    sparse = run(compiled)
+    assert rel_err(sparse, eager) > 1e-3
+    assert all(0 < r["active_fraction"] < 1 for r in ppcompile.report(compiled).rows)
+    # the eager model is still the dense model (weights were only permuted)
+    assert rel_err(run(model), eager) < 1e-5
+
+
+def test_set_tau_and_new_lengths_do_not_recalibrate(monkeypatch):
+    model = tiny_model("llama")
+    compiled = compile_model(model)
+    calls = []
+    module = importlib.import_module("ppcompile.passes.calibrate")
+    real = module.calibration_batches
+    monkeypatch.setattr(module, "calibration_batches", lambda *a: calls.append(1) or real(*a))
+    compiles = []
+    inner = ppcompile.backend.inner_compile
+    monkeypatch.setattr(ppcompile.backend, "inner_compile", lambda *a: compiles.append(1) or inner(*a))
+    run(compiled)
+    assert len(calls) == 1 and len(compiles) == 1
+    for tau in (0.9, 0.5, 0.7):
+        ppcompile.set_tau(compiled, tau)
+        run(compiled)
+    assert len(compiles) == 1, "set_tau must not recompile"
+    # prefill then decode shapes: recompiles for shapes, never calibrates again
+    for length in (1, 5, 9):
+        ids = IDS[:1, :length]
+        ppcompile.set_tau(compiled, 1.0)
+        assert rel_err(run(compiled, ids), run(model, ids)) < 1e-4
+    assert len(calls) == 1
+
+
+def test_compiling_the_same_model_twice_reuses_its_plan():
+    model = tiny_model("qwen2")
+    eager = run(model)
+    first = compile_model(model, tau=0.6)
+    run(first)
+    perm = [s.perm.clone() for s in REGISTRY.states_of(list(model.parameters()))]
+    torch._dynamo.reset()
+    second = compile_model(model, tau=1.0)
+    assert rel_err(run(second), eager) < 1e-4  # permutation was not applied twice
+    assert [s.perm for s in REGISTRY.states_of(list(model.parameters()))][0].equal(perm[0])
+    assert ppcompile.report(second).rows[0]["tau"] == 1.0
+
+
+def test_new_plan_options_replan_and_stay_exact():
+    model = tiny_model("llama")
+    eager = run(model)
+    run(compile_model(model, expert_size=8))
+    torch._dynamo.reset()
+    compiled = compile_model(model, expert_size=16)
+    assert rel_err(run(compiled), eager) < 1e-4
+    assert [r["num_experts"] for r in ppcompile.report(compiled).rows] == [4, 4]
+
+
+def test_single_layers_compile_with_hidden_state_calibration():
+    model = tiny_model("llama")
+    layers = model.model.layers
+    hidden = torch.randn(2, 16, 32)
+    calib = torch.randn(16, 16, 32)
+    outs = []
+    for layer in layers:
+        compiled = torch.compile(layer.mlp, backend="prunepath", options={
+            "tau": 1.0, "calibration": calib, "expert_size": 8, "router_steps": 20})
+        with torch.no_grad():
+            assert rel_err(compiled(hidden), layer.mlp(hidden)) < 1e-4
+            ppcompile.set_tau(compiled, 0.4)
+            outs.append(compiled(hidden))
+        assert 0 < ppcompile.report(compiled).rows[0]["active_fraction"] < 1
+    states = REGISTRY.states_of(list(model.parameters()))
+    assert len(states) == 2 and states[0] is not states[1]
+    assert not torch.equal(states[0].router_w, states[1].router_w)
+
+
+def test_graph_reused_for_another_layer_uses_that_layers_weights():
+    """With the same options dict, dynamo serves layer 1 from the graph compiled for layer 0;
+    layer 1 must still compute with its own weights and get its own plan."""
+    model = tiny_model("llama")
+    options = {"tau": 1.0, "calibration": torch.randn(8, 16, 32), "expert_size": 8, "router_steps": 10}
+    mlps = [torch.compile(layer.mlp, backend="prunepath", options=options) for layer in model.model.layers]
+    hidden = torch.randn(1, 16, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for compiled, layer in zip(mlps, model.model.layers):
+            assert rel_err(compiled(hidden), layer.mlp(hidden)) < 1e-4
+    assert len(REGISTRY.states_of(list(model.parameters()))) == 2
+
+
+def test_model_without_ffn_compiles_dense_with_one_warning():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    compiled = torch.compile(model, backend="prunepath", options={"tau": 0.5})
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = compiled(x)
+            compiled(torch.randn(5, 8))  # a recompile for a new shape warns no more
+    mine = [w for w in caught if "ppcompile" in str(w.message)]
+    assert len(mine) == 1 and "no FFN matched" in str(mine[0].message)
+    with torch.no_grad():
+        assert rel_err(out, model(x)) < 1e-6
+    assert ppcompile.report(compiled).rows == []
+
+
+def test_missing_calibration_warns_and_uses_first_inputs():
+    model = tiny_model("gpt2")
+    compiled = torch.compile(model, backend="prunepath", options={"expert_size": 8, "router_steps": 5})
+    with pytest.warns(UserWarning, match="no calibration data.*'calibration'"):
+        run(compiled)
+    assert len(ppcompile.report(compiled).rows) == 2
+
+
+def test_same_seed_same_plan():
+    plans = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        model = tiny_model("mistral", seed=3)
+        compiled = compile_model(model, tau=0.5, seed=7)
+        out = run(compiled)
+        states = REGISTRY.states_of(list(model.parameters()))
+        plans.append((out, [s.perm for s in states], [s.router_w for s in states]))
+    assert torch.equal(plans[0][0], plans[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(plans[0][1], plans[1][1]))
+    assert all(torch.equal(a, b) for a, b in zip(plans[0][2], plans[1][2]))
+
+
+def test_gradients_flow_through_the_sparse_ffn():
+    model = tiny_model("llama")
+    compiled = compile_model(model)
+    run(compiled)  # calibrate under no_grad first, as users do
+    ppcompile.set_tau(compiled, 1.0)
+    out = logits_of(compiled(IDS)).square().mean()
+    out.backward()
+    grad = model.model.layers[0].mlp.up_proj.weight.grad
+    model.zero_grad()
+    logits_of(model(IDS)).square().mean().backward()
+    want = model.model.layers[0].mlp.up_proj.weight.grad
+    assert grad is not None and rel_err(grad, want) < 1e-4

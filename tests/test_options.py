@@ -1,0 +1,79 @@
+"""Bad options fail early with a message that names the option, the value and what is allowed."""
+import pytest
+import torch
+
+import ppcompile
+from ppcompile import OptionError, Options
+from tiny_models import tiny_model
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"tau": 0.0}, ["'tau'", "(0, 1]", "0.0"]),
+    ({"tau": 1.5}, ["'tau'", "(0, 1]", "1.5"]),
+    ({"tau": -0.1}, ["'tau'", "(0, 1]"]),
+    ({"tau": float("nan")}, ["'tau'", "nan"]),
+    ({"tau": "0.9"}, ["'tau'", "float", "str"]),
+    ({"tau": True}, ["'tau'", "float", "bool"]),
+    ({"taw": 0.9}, ["unknown option", "'taw'", "tau"]),
+    ({"expert_size": 0}, ["'expert_size'", ">= 1", "0"]),
+    ({"expert_size": 8.0}, ["'expert_size'", "int", "float"]),
+    ({"calibration_tokens": 10}, ["'calibration_tokens'", ">= 64"]),
+    ({"router_steps": -1}, ["'router_steps'", ">= 0"]),
+    ({"calibration": [[1, 2, 3]]}, ["'calibration'", "torch.Tensor", "list"]),
+])
+def test_bad_options_are_named(options, words):
+    with pytest.raises(OptionError) as err:
+        Options.from_dict(options)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_options_not_a_dict():
+    with pytest.raises(OptionError, match="must be a dict"):
+        Options.from_dict([("tau", 0.9)])
+
+
+def test_defaults_are_valid_and_documented():
+    opts = Options.from_dict(None)
+    assert 0 < opts.tau <= 1
+    for name in Options.__dataclass_fields__:
+        assert f"{name}:" in Options.__doc__, f"option {name} is not documented"
+
+
+def test_bad_option_fails_at_compile_time():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="prunepath", options={"tau": 2.0})
+    with pytest.raises(Exception, match="'tau' must be a float in \\(0, 1\\]"):
+        compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_set_tau_validates():
+    model = tiny_model("llama")
+    with pytest.raises(OptionError, match="'tau'"):
+        ppcompile.set_tau(model, 0)
+    with pytest.raises(TypeError, match="torch.compile"):
+        ppcompile.set_tau(lambda x: x, 0.5)
+
+
+def test_calibration_that_fits_no_input_is_refused():
+    model = tiny_model("llama")
+    bad = torch.randn(4, 16, 7)  # float data, but the model takes token ids
+    compiled = torch.compile(model, backend="prunepath", options={"calibration": bad})
+    with pytest.raises(Exception, match="option 'calibration'.*fits none"):
+        compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_calibration_shorter_than_traced_input_is_refused():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"calibration": torch.randint(0, 128, (8, 4))})
+    with pytest.raises(Exception, match="shorter than the traced input length 8"):
+        compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_expert_size_must_divide_d_ff():
+    model = tiny_model("llama")  # d_ff = 64
+    compiled = torch.compile(model, backend="prunepath", options={
+        "expert_size": 24, "calibration": torch.randint(0, 128, (8, 8))})
+    with pytest.raises(Exception, match="'expert_size'=24 does not divide d_ff=64.*32"):
+        compiled(torch.randint(0, 128, (1, 8)))

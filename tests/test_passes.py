@@ -1,0 +1,170 @@
+"""Each pass on its own: what the graph holds before and after (op counts), and what it
+guarantees."""
+import operator
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import capture, logits_of, rel_err
+from ppcompile.ffn import REGISTRY
+from ppcompile.graph import graph_tensors
+from ppcompile.options import Options
+from ppcompile.passes import (Context, attach_plans, build_experts, calibrate, find_ffns,
+                              rewrite, train_routers)
+from ppcompile.passes.build_experts import balanced_assign, balanced_kmeans
+from tiny_models import FAMILIES, tiny_model
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+CALIB = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(1))
+LINEAR_LIKE = {"linear", "addmm", "matmul"}
+
+
+def op_counts(gm):
+    counts = Counter()
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(
+                node.target, "__name__", str(node.target))
+            counts[str(name).split(".")[0]] += 1
+        else:
+            counts[node.op] += 1
+    return counts
+
+
+def setup(family, **options):
+    model = tiny_model(family)
+    gm, example = capture(model, IDS)
+    opts = Options.from_dict({"calibration": CALIB, "expert_size": 8, **options})
+    return model, gm, Context(example, graph_tensors(gm, example), opts, options)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_find_ffns_matches_each_layer_and_leaves_graph_alone(family):
+    _, gm, ctx = setup(family)
+    before = op_counts(gm)
+    gm = find_ffns(gm, ctx)
+    assert op_counts(gm) == before
+    ffns = gm.meta["ppcompile_ffns"]
+    assert len(ffns) == 2  # two layers, and no attention or head projection matched
+    assert {f.kind for f in ffns} == {FAMILIES[family][3]}
+    for f in ffns:
+        # the FFN's own values are used by nothing outside it
+        inside = {*f.region, *f.down.nodes}
+        for node in f.region:
+            assert set(node.users) <= inside
+
+
+@pytest.mark.parametrize("activation, kind", [
+    ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"),
+    ("quick_gelu", "quick_gelu"), ("relu", "relu"), ("gelu", "gelu"), ("silu", "silu")])
+def test_activation_spelled_any_way_is_identified(activation, kind):
+    model = tiny_model("gpt2", activation_function=activation)
+    gm, example = capture(model, IDS)
+    gm = find_ffns(gm, Context(example, graph_tensors(gm, example), Options()))
+    assert [f.kind for f in gm.meta["ppcompile_ffns"]] == [kind, kind]
+
+
+def test_unknown_activation_is_not_matched():
+    class Odd(torch.nn.Module):  # linear -> sin -> linear: not an FFN form we know
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.b(torch.sin(self.a(x)))
+
+    gm, example = capture(Odd(), torch.randn(2, 8))
+    gm = find_ffns(gm, Context(example, graph_tensors(gm, example), Options()))
+    assert gm.meta["ppcompile_ffns"] == []
+
+
+def test_ffn_whose_hidden_value_escapes_is_not_matched():
+    class Leaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h), h.sum()
+
+    gm, example = capture(Leaky(), torch.randn(2, 8))
+    gm = find_ffns(gm, Context(example, graph_tensors(gm, example), Options()))
+    assert gm.meta["ppcompile_ffns"] == []
+
+
+def test_calibrate_samples_bounded_tokens_without_changing_graph():
+    _, gm, ctx = setup("llama", calibration_tokens=100)
+    gm = attach_plans(find_ffns(gm, ctx), ctx)
+    before = op_counts(gm)
+    gm = calibrate(gm, ctx)
+    assert op_counts(gm) == before
+    for f in gm.meta["ppcompile_ffns"]:
+        assert f.sample["x"].shape == (100, 32) and f.sample["h"].shape == (100, 64)
+        assert torch.isfinite(f.sample["h"]).all()
+
+
+def test_build_experts_permutes_weights_but_not_the_function():
+    model, gm, ctx = setup("llama")
+    with torch.no_grad():
+        before = logits_of(model(IDS))
+    gm = calibrate(attach_plans(find_ffns(gm, ctx), ctx), ctx)
+    up = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    counts = op_counts(gm)
+    gm = build_experts(gm, ctx)
+    assert op_counts(gm) == counts
+    perm = gm.meta["ppcompile_ffns"][0].perm
+    assert sorted(perm.tolist()) == list(range(64)) and perm.tolist() != list(range(64))
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, up[perm])
+    with torch.no_grad():
+        assert rel_err(logits_of(model(IDS)), before) < 1e-6
+
+
+def test_train_routers_registers_one_state_per_ffn():
+    model, gm, ctx = setup("gpt2")
+    for p in (find_ffns, attach_plans, calibrate, build_experts):
+        gm = p(gm, ctx)
+    gm = train_routers(gm, ctx)
+    states = REGISTRY.states_of(list(model.parameters()))
+    assert len(states) == 2 and states[0] is not states[1]
+    assert states[0].router_w.shape == (128 // 8, 32)
+    assert all(f.state is not None and f.sample is None for f in gm.meta["ppcompile_ffns"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "falcon", "bert"])
+def test_rewrite_replaces_each_ffn_by_one_sparse_node(family):
+    model, gm, ctx = setup(family)
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
+        gm = p(gm, ctx)
+    before = op_counts(gm)
+    gm = rewrite(gm, ctx)
+    after = op_counts(gm)
+    n = 2
+    assert after["sparse_ffn"] == n
+    projections_per_ffn = {"llama": 3, "gpt2": 2, "phi3": 2, "falcon": 2, "bert": 2}[family]
+    removed = sum(before[k] - after[k] for k in LINEAR_LIKE)
+    assert removed == n * projections_per_ffn
+    assert after["placeholder"] == before["placeholder"] + 4 * n
+    act = {"llama": "silu", "phi3": "silu", "gpt2": "tanh", "falcon": "gelu", "bert": "gelu"}[family]
+    assert after[act] == before[act] - n
+    assert after["add_"] == n
+    # numerics of the rewritten graph against the dense graph, tau = 1
+    extras = [getattr(s, k) for s in (f.state for f in gm.meta["ppcompile_ffns"])
+              for k in ("router_w", "router_b", "tau", "stats")]
+    for f in gm.meta["ppcompile_ffns"]:
+        f.state.set_tau(1.0)
+    with torch.no_grad():
+        got = gm(*ctx.example_inputs, *extras)
+        want = logits_of(model(IDS))
+    outputs = got if isinstance(got, (tuple, list)) else [got]
+    (got,) = [o for o in outputs if isinstance(o, torch.Tensor) and o.shape == want.shape]
+    assert rel_err(got, want) < 1e-5
+
+
+def test_balanced_assign_respects_capacity_and_prefers_high_scores():
+    score = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
+    assert balanced_assign(score, 2).tolist() == [0, 0, 1, 1]
+    z = torch.nn.functional.normalize(torch.randn(96, 10), dim=1)
+    assign = balanced_kmeans(z, 12, 8, torch.Generator().manual_seed(0))
+    assert torch.bincount(assign).tolist() == [8] * 12
