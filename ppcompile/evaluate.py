@@ -83,8 +83,14 @@ def _batches(windows, batch_size, who) -> list:
 
 
 def _main_output(output, name):
-    """`output.<name>` of a Hugging Face output (or its first element for tuples and tensors)."""
+    """`output.<name>` of a Hugging Face output, or the first element of a tuple output."""
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
     value = getattr(output, name, None)
-    return value if value is not None else output[0]
+    if value is None:
+        raise ValueError(f"the model's output ({type(output).__name__}) has no '{name}'"
+                         + ("; perplexity needs a causal LM (for encoders use embedding_cosine)"
+                            if name == "logits" else ""))
+    return value
