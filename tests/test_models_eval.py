@@ -1,0 +1,198 @@
+"""Offline tests of models.py, evaluate.py and the CLI: tiny random models and a tokenizer trained
+in the test; no model cache, no network."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import ppcompile
+from ppcompile import cli, evaluate, models
+from tiny_models import VOCAB, tiny_model
+
+SENTENCES = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a quick brown fox jumps over the lazy dog",
+    "tokens are cut into windows of the same length",
+    "sparse experts keep the dense function at tau one",
+] * 3
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on SENTENCES, small enough for the tiny models' vocab."""
+    tok = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<bos>"])
+    tok.train_from_iterator(SENTENCES, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>")
+
+
+TEXT = " ".join(SENTENCES)
+
+
+# ------------------------------------------------------------------------------ token_windows
+
+def test_token_windows_are_consecutive_and_non_overlapping():
+    tok = tiny_tokenizer()
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    w = evaluate.token_windows(tok, TEXT, 8)
+    assert w.dtype == torch.long and w.shape == (len(ids) // 8, 8)
+    assert w.flatten().tolist() == ids[:w.numel()]
+    assert evaluate.token_windows(tok, TEXT, 8, max_windows=3).tolist() == w[:3].tolist()
+
+
+def test_token_windows_with_bos():
+    tok = tiny_tokenizer()
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    w = evaluate.token_windows(tok, TEXT, 8, bos=bos)
+    assert w.shape == (len(ids) // 7, 8)
+    assert (w[:, 0] == bos).all()
+    assert w[:, 1:].flatten().tolist() == ids[:len(w) * 7]
+
+
+def test_token_windows_errors_name_the_problem():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="too few for one window of 1000 tokens"):
+        evaluate.token_windows(tok, "the cat", 1000)
+    with pytest.raises(ValueError, match="max_windows"):
+        evaluate.token_windows(tok, TEXT, 8, max_windows=0)
+
+
+def test_bos_for_gemma_only():
+    tok = tiny_tokenizer()
+    assert evaluate.bos_for(tiny_model("gemma"), tok) == tok.bos_token_id
+    assert evaluate.bos_for(tiny_model("llama"), tok) is None
+
+
+# ------------------------------------------------------------------------------- perplexity
+
+def windows(n=8, length=16, seed=1):
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perplexity_is_exp_of_mean_nll():
+    model = tiny_model("llama")
+    w = windows()
+    with torch.no_grad():
+        loss = model(input_ids=w, labels=w).loss  # HF: mean NLL over all shifted tokens
+    assert evaluate.perplexity(model, w, batch_size=4) == pytest.approx(loss.exp().item(), rel=1e-5)
+
+
+def test_perplexity_drops_the_last_partial_batch():
+    model = tiny_model("llama")
+    w = windows(n=10)
+    assert evaluate.perplexity(model, w, 4) == evaluate.perplexity(model, w[:8], 4)
+    with pytest.raises(ValueError, match="3 windows, batch_size 4"):
+        evaluate.perplexity(model, w[:3], 4)
+
+
+def test_perplexity_needs_logits():
+    with pytest.raises(ValueError, match="needs a causal LM"):
+        evaluate.perplexity(tiny_model("bert"), windows(), 4)
+
+
+def test_perplexity_compiled_at_tau_1_matches_eager():
+    model = tiny_model("llama")
+    w = windows()
+    dense = evaluate.perplexity(model, w, 4)
+    options = {"tau": 1.0, "calibration": windows(n=16, seed=2), "expert_size": 8,
+               "router_steps": 20}
+    compiled = torch.compile(model, backend="prunepath", options=options)
+    sparse = evaluate.perplexity(compiled, w, 4)
+    assert sparse == pytest.approx(dense, rel=1e-4)
+    assert ppcompile.report(compiled).active_fraction == pytest.approx(1.0)
+    ppcompile.set_tau(compiled, 0.5)
+    evaluate.perplexity(compiled, w, 4)
+    assert ppcompile.report(compiled).active_fraction < 1.0
+
+
+def test_embedding_cosine():
+    a, b = tiny_model("bert", seed=0), tiny_model("bert", seed=1)
+    w = windows(n=4)
+    assert evaluate.embedding_cosine(a, a, w, batch_size=2) == pytest.approx(1.0, abs=1e-6)
+    assert evaluate.embedding_cosine(a, b, w, batch_size=2) < 0.999
+
+
+# ----------------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize("family, cls", [("llama", "LlamaForCausalLM"), ("bert", "BertModel")])
+def test_load_local_folder(tmp_path, family, cls):
+    original = tiny_model(family)
+    original.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model, tok = models.load(str(tmp_path))
+    assert type(model).__name__ == cls and not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    w = windows(n=2)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=w)[0], original(input_ids=w)[0])
+    assert tok("the cat")["input_ids"] == tiny_tokenizer()("the cat")["input_ids"]
+
+
+def test_unknown_model_name_lists_known_ones():
+    with pytest.raises(ValueError, match="smollm2-135m, gemma3-270m, minilm-l6"):
+        models.load("no-such-model")
+    with pytest.raises(ValueError, match="unknown model name 'no-such-model'"):
+        models.fetch("no-such-model")
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        models.load(tmp_path)
+
+
+def test_fetch_reuses_an_existing_folder(tmp_path):
+    folder = tmp_path / "smollm2-135m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert models.fetch("smollm2-135m", root=tmp_path) == folder  # no download attempted
+
+
+def test_gguf_parts_sort_numerically():
+    parts = ["d/m.gguf.part10", "d/m.gguf.part2", "d/m.gguf.part1"]
+    assert sorted(parts, key=models._part_number) == ["d/m.gguf.part1", "d/m.gguf.part2",
+                                                      "d/m.gguf.part10"]
+
+
+def test_missing_gguf_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(ImportError, match=r"pip install gguf accelerate"):
+        models._write_from_gguf(tmp_path / "model.gguf", tmp_path)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def test_demo_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--taus", "--seq-len", "--calib-windows", "--eval-windows",
+                 "--expert-size", "--batch-size"):
+        assert flag in out
+
+
+def test_demo_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--taus", "1.5"])
+    assert "tau must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--eval-windows 4 is smaller than --batch-size 8"):
+        cli.main(["demo", "--eval-windows", "4"])
+
+
+def test_python_m_ppcompile_runs():
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "ppcompile", "demo", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage: ppcompile demo" in done.stdout
+
+
+def test_shipped_texts_are_the_two_halves():
+    calib, heldout = cli.CALIB_TEXT.read_bytes(), cli.EVAL_TEXT.read_bytes()
+    assert calib.startswith(b" = No. 20 Squadron RAAF = ") and heldout.startswith(b" = Robert Boulter")
+    assert abs(len(calib) - len(heldout)) < 0.05 * len(calib)
+    calib.decode("utf-8"), heldout.decode("utf-8")
