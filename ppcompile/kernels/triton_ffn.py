@@ -1,0 +1,649 @@
+"""Triton kernels of the sparse FFN, and their launcher `sparse_ffn_triton`.
+
+Same semantics and signature as `reference.sparse_ffn_reference` (read it first). Design notes and
+the numbers behind the choices are in benchmarks/KERNELS.md; in short:
+
+* Everything the experts do happens in "compact neuron space": per tile of tokens, the experts
+  kept by at least one token of the tile (the tile's *union*), in ascending order, give positions
+  q = rank * s + j (j < s) to their neurons. Work is split over q, so every program gets the same
+  number of active neurons whatever tau selects, and no work is launched for dropped experts.
+* Which experts a tile keeps travels as `bits` [tiles, E] int64: bit t of bits[m, e] says that
+  token t of tile m keeps expert e (so a tile has at most 64 tokens).
+* Kernels (launch order):
+    1. _router_kernel: router logits (fp32) into a workspace; it also zeroes every workspace the
+       later kernels accumulate into, so no memset launch is needed.
+    2. _select_kernel: per token softmax + top-p selection, OR-ed into bits. Skipped for one or two
+       tokens: the expert kernel then selects itself (see FUSED_SELECT).
+    3. _up_kernel: persistent programs over compact neurons: h = act(x W_gate^T) * (x W_up^T),
+       zeroed for tokens that dropped the expert, either stored to a small H [N, d_ff] buffer
+       (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
+       W_down at once and reduced into y with fp32 atomics; the last program to finish adds the
+       bias and casts y.
+    4. _down_kernel: y = H @ W_down^T over the union's neurons only, split over (token tile,
+       output columns, KS slices of the neurons); with KS > 1 the slices meet in an fp32
+       workspace through atomics and the last slice of each tile writes y.
+  Decode (N <= 16) therefore takes 2 launches (N <= 2 and d_out small enough) to 4; prefill 4.
+* Block sizes, grids and warps come from `plan()`, a small shape table (no autotuning: the op
+  must be capturable in CUDA graphs, and tau, read only on the device, never changes a grid).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from .reference import sparse_ffn_reference
+
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
+
+DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token tile)
+MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
+MAX_TILE_TOKENS = 64    # bits are int64
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, except that kernels run by the Triton interpreter
+    (TRITON_INTERPRET=1) pass through unwrapped (older torch refuses them).
+
+    The name matters: torch.library.triton_op finds the kernels an op launches by scanning its
+    source for calls of `wrap_triton(<kernel>)`."""
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def _empty(shape, dtype, device):
+    """Every buffer of the launcher comes from here (tests poison them to catch unwritten reads)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = tl.maximum(x, 0.0)
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        # tanh from exp(-2|z|): no overflow, and tl has no portable tanh
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = tl.exp(-2.0 * tl.abs(z))
+        th = (1.0 - t) / (1.0 + t)
+        y = 0.5 * x * (1.0 + tl.where(z < 0, -th, th))
+    elif ACT == 3:
+        y = x * tl.sigmoid(1.702 * x)
+    else:
+        y = x * tl.sigmoid(x)
+    return y
+
+
+@triton.jit
+def _mac(a, w, acc, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ w^T in fp32, for activations a [M, K] and weight rows w [R, K]."""
+    if USE_DOT:
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+    elif a.shape[0] == 1:
+        # one token: stay 2-D, in the weight tile's own (load) layout
+        acc += tl.sum(a.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _mac_nn(h, w, acc, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + h @ w in fp32, for h [M, R] and weight rows w [R, C]."""
+    if USE_DOT:
+        if IEEE:
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w.to(h.dtype), acc)
+    elif h.shape[0] == 1:
+        acc += tl.sum(tl.trans(h.to(tl.float32)) * w.to(tl.float32), axis=0)[None, :]
+    else:
+        acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _zero(ptr, n, lin, nprog, ZBLOCK: tl.constexpr):
+    """Program `lin` of `nprog` zeroes its grid-stride share of ptr[0:n]."""
+    offs = tl.arange(0, ZBLOCK)
+    for start in range(lin * ZBLOCK, n, nprog * ZBLOCK):
+        tl.store(ptr + start + offs, tl.zeros([ZBLOCK], ptr.dtype.element_ty),
+                 mask=start + offs < n)
+
+
+@triton.jit
+def _select(logits_ptr, tau_ptr, row0, N, E, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr):
+    """Kept mask [BLOCK_N, E_PAD] of tokens row0.. (rows >= N and experts >= E: False).
+
+    Same rule as reference.select_experts: softmax, sort descending, keep rank r iff the mass of
+    the ranks above it is < tau (or tau >= 1). The sort runs on fp32 values only; the cut is then
+    turned into a threshold value, and experts tied with it are taken lowest index first."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, E_PAD)
+    valid = (rows[:, None] < N) & (cols[None, :] < E)
+    logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=valid,
+                     other=float("-inf"))
+    top = tl.where(rows < N, tl.max(logits, axis=1), 0.0)
+    ex = tl.exp(logits - top[:, None])
+    z = tl.sum(ex, axis=1)
+    p = ex / tl.where(z > 0, z, 1.0)[:, None]
+    ranked = tl.sort(tl.where(valid, p, -1.0), dim=1, descending=True)  # padding sorts last
+    mass_before = tl.cumsum(ranked, axis=1) - ranked
+    tau = tl.load(tau_ptr)
+    cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
+    kept_ranked = (mass_before < cut) & (ranked >= 0.0)
+    n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
+    threshold = tl.min(tl.where(kept_ranked, ranked, 2.0), axis=1)
+    above = valid & (p > threshold[:, None])
+    tie = valid & (p == threshold[:, None])
+    ties_needed = n_kept - tl.sum(above.to(tl.int32), axis=1)
+    tie_order = tl.cumsum(tie.to(tl.int32), axis=1)
+    return above | (tie & (tie_order <= ties_needed[:, None]))
+
+
+@triton.jit
+def _token_bits(keep, tok, BLOCK_N: tl.constexpr):
+    """bits [E_PAD] int64 of a kept mask [BLOCK_N, E_PAD]: bit t = token tok[t] keeps e."""
+    one = tl.full([BLOCK_N, 1], 1, tl.int64)
+    return tl.sum(tl.where(keep, one << tok[:, None].to(tl.int64), 0), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, stride_xn, stride_xk, rw_ptr, stride_re, stride_rk, rb_ptr,
+    logits_ptr, counts_ptr,
+    z64_ptr, n_z64, zf32_ptr, n_zf32, zi32_ptr, n_zi32,
+    N, D, E,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ZBLOCK: tl.constexpr,
+):
+    pe = tl.program_id(0)
+    pn = tl.program_id(1)
+    lin = pn * tl.num_programs(0) + pe
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    # workspaces that later kernels accumulate into start at zero (no memset launch)
+    _zero(z64_ptr, n_z64, lin, nprog, ZBLOCK)
+    _zero(zf32_ptr, n_zf32, lin, nprog, ZBLOCK)
+    _zero(zi32_ptr, n_zi32, lin, nprog, ZBLOCK)
+    if lin == 0:
+        two = tl.arange(0, 2)
+        tl.store(counts_ptr + two, tl.where(two == 0, 0.0, N * 1.0).to(tl.float64))
+
+    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < D
+        xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wk = tl.load(rw_ptr + es[:, None] * stride_re + k[None, :] * stride_rk,
+                     mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mac(xk, wk, acc, USE_DOT, IEEE)
+    acc += tl.load(rb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(logits_ptr + rows[:, None] * E + es[None, :], acc,
+             mask=row_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+                   TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr):
+    # SEL_N divides TILE_M: all tokens of a program belong to one tile
+    row0 = tl.program_id(0) * SEL_N
+    keep = _select(logits_ptr, tau_ptr, row0, N, E, SEL_N, E_PAD)
+    tok = row0 % TILE_M + tl.arange(0, SEL_N)
+    bits = _token_bits(keep, tok, SEL_N)
+    cols = tl.arange(0, E_PAD)
+    tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
+                 sem="relaxed")
+    n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
+
+
+@triton.jit
+def _up_kernel(
+    x_ptr, stride_xn, stride_xk,
+    wu_ptr, stride_uf, stride_uk, bu_ptr,
+    wg_ptr, stride_gf, stride_gk, bg_ptr,
+    wd_ptr, stride_do, stride_df, bd_ptr,
+    logits_ptr, tau_ptr, bits_ptr, counts_ptr,
+    h_ptr, acc_ptr, counter_ptr, y_ptr, scr_e_ptr, scr_b_ptr,
+    N, D, DO, F, E, S,
+    ACT: tl.constexpr, GATED: tl.constexpr,
+    HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
+    FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr, USE_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, DO_PAD: tl.constexpr,
+    E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
+):
+    m = tl.program_id(0)          # token tile
+    p = tl.program_id(1)          # slice of the tile's compact neurons
+    P = tl.num_programs(1)
+    tok = tl.arange(0, BLOCK_N)
+    rows = m * BLOCK_N + tok
+    row_ok = rows < N
+    eidx = tl.arange(0, E_PAD)
+
+    if FUSED_SELECT:
+        # one tile of at most a few tokens: every program selects by itself (identical results)
+        # instead of waiting for a selection kernel
+        keep = _select(logits_ptr, tau_ptr, 0, N, E, BLOCK_N, E_PAD)
+        bits = _token_bits(keep, tok, BLOCK_N)
+        if p == 0:
+            tl.store(bits_ptr + eidx, bits, mask=eidx < E)
+            n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
+            tl.store(counts_ptr, n_kept.to(tl.float64) * S)
+    else:
+        bits = tl.load(bits_ptr + m * E + eidx, mask=eidx < E, other=0)
+
+    # this program's compact neurons [q_start, q_end), balanced to UNIT neurons
+    active = bits != 0
+    n_active = tl.sum(active.to(tl.int32), axis=0) * S
+    n_units = tl.cdiv(n_active, UNIT)
+    q_start = (p * n_units // P) * UNIT
+    q_end = tl.minimum(((p + 1) * n_units // P) * UNIT, n_active)
+    # stage ids and token bits of the experts it touches in its scratch row: a scatter and a
+    # barrier instead of a reduction over all experts per neuron block
+    r0 = q_start // S
+    rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
+    staged = active & (rank >= r0) & (rank < r0 + MAXE)
+    scr = (m * P + p) * MAXE - r0
+    tl.store(scr_e_ptr + scr + rank, eidx, mask=staged)
+    tl.store(scr_b_ptr + scr + rank, bits, mask=staged)
+    tl.debug_barrier()
+
+    kk = tl.arange(0, BLOCK_K)
+    if FUSE_DOWN:
+        oo = tl.arange(0, DO_PAD)
+        y_acc = tl.zeros([BLOCK_N, DO_PAD], tl.float32)
+    for q0 in range(q_start, q_end, SUB):
+        q = q0 + tl.arange(0, SUB)
+        q_ok = q < q_end
+        e = tl.load(scr_e_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
+        ebits = tl.load(scr_b_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
+        nrn = e * S + q % S
+        acc_u = tl.zeros([BLOCK_N, SUB], tl.float32)
+        acc_g = tl.zeros([BLOCK_N, SUB], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < D
+            xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = q_ok[:, None] & k_ok[None, :]
+            wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + k[None, :] * stride_uk, mask=w_ok,
+                         other=0.0)
+            if GATED:
+                wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + k[None, :] * stride_gk,
+                             mask=w_ok, other=0.0)
+                acc_g = _mac(xk, wg, acc_g, USE_DOT, IEEE)
+            acc_u = _mac(xk, wu, acc_u, USE_DOT, IEEE)
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + nrn, mask=q_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + nrn, mask=q_ok, other=0.0).to(tl.float32)[None, :]
+            h = _act(acc_g, ACT) * acc_u
+        else:
+            h = _act(acc_u, ACT)
+        kept = ((ebits[None, :] >> tok[:, None].to(tl.int64)) & 1) != 0
+        h = tl.where(kept & q_ok[None, :] & row_ok[:, None], h, 0.0)
+        if FUSE_DOWN:
+            wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                         mask=q_ok[:, None] & (oo < DO)[None, :], other=0.0)
+            y_acc = _mac_nn(h, wd, y_acc, False, IEEE)
+        else:
+            tl.store(h_ptr + rows[:, None] * F + nrn[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & q_ok[None, :])
+
+    if FUSE_DOWN:
+        out = rows[:, None] * DO + oo[None, :]
+        out_ok = row_ok[:, None] & (oo < DO)[None, :]
+        if q_end > q_start:
+            tl.atomic_add(acc_ptr + out, y_acc, mask=out_ok, sem="relaxed")
+        # last program in: all partial sums are in acc (bar.sync, then a gpu-scope acq_rel
+        # ticket, as CUTLASS's semaphores do); acc is read from L2 (.cg), never from a stale L1
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + m, 1, sem="acq_rel")
+        if ticket == P - 1:
+            total = tl.load(acc_ptr + out, mask=out_ok, other=0.0, cache_modifier=".cg")
+            if HAS_BD:
+                total += tl.load(bd_ptr + oo, mask=oo < DO, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, wd_ptr, stride_do, stride_df, bd_ptr, bits_ptr,
+    acc_ptr, counter_ptr, y_ptr, scr_ptr,
+    N, DO, F, E, S,
+    HAS_BD: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    E_PAD: tl.constexpr, MAXE: tl.constexpr, KS: tl.constexpr,
+):
+    m = tl.program_id(0)          # token tile (fastest: tiles sharing weights run together)
+    t = tl.program_id(1)
+    dt = t // KS                  # output column tile
+    ks = t % KS                   # slice of the tile's compact neurons
+    eidx = tl.arange(0, E_PAD)
+    bits = tl.load(bits_ptr + m * E + eidx, mask=eidx < E, other=0)
+    active = bits != 0
+    n_active = tl.sum(active.to(tl.int32), axis=0) * S
+    q_start = ks * n_active // KS
+    q_end = (ks + 1) * n_active // KS
+    r0 = q_start // S
+    rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
+    scr = (m * tl.num_programs(1) + t) * MAXE - r0
+    tl.store(scr_ptr + scr + rank, eidx, mask=active & (rank >= r0) & (rank < r0 + MAXE))
+    tl.debug_barrier()
+
+    rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    oo = dt * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_ok = oo < DO
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for q0 in range(q_start, q_end, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = q < q_end
+        e = tl.load(scr_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
+        nrn = e * S + q % S
+        h = tl.load(h_ptr + rows[:, None] * F + nrn[None, :],
+                    mask=row_ok[:, None] & q_ok[None, :], other=0.0)
+        w = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                    mask=q_ok[:, None] & o_ok[None, :], other=0.0)
+        acc = _mac_nn(h, w, acc, USE_DOT, IEEE)
+
+    out = rows[:, None] * DO + oo[None, :]
+    out_ok = row_ok[:, None] & o_ok[None, :]
+    if KS == 1:
+        if HAS_BD:
+            acc += tl.load(bd_ptr + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        if q_end > q_start:
+            tl.atomic_add(acc_ptr + out, acc, mask=out_ok, sem="relaxed")
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + m * (tl.num_programs(1) // KS) + dt, 1,
+                               sem="acq_rel")
+        if ticket == KS - 1:
+            total = tl.load(acc_ptr + out, mask=out_ok, other=0.0, cache_modifier=".cg")
+            if HAS_BD:
+                total += tl.load(bd_ptr + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch parameters for one shape. Field names are the override keys of `config=`."""
+    tile_m: int             # tokens per tile (<= 64); decode: one tile holding all tokens
+    fused_select: bool      # the up kernel selects (single tile of <= a few tokens)
+    fuse_down: bool         # the up kernel also does the down projection (decode, narrow y)
+    up_dot: bool            # tl.dot (tensor cores, tokens padded to 16) vs CUDA-core FMAs
+    down_dot: bool
+    router_dot: bool
+    router_block_e: int
+    router_block_k: int
+    router_warps: int
+    sel_n: int              # tokens per program of _select_kernel
+    up_programs: int        # programs per token tile of _up_kernel
+    up_sub: int             # compact neurons per step
+    up_block_k: int
+    up_unit: int            # neurons are split among programs in multiples of this
+    up_warps: int
+    up_stages: int
+    down_block_q: int
+    down_block_d: int
+    down_ks: int
+    down_warps: int
+    down_stages: int
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter runs programs one after another: keep grids small
+
+
+def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: int,
+         kind: str | None = None, **overrides) -> Plan:
+    """The shape table. Rules and the measurements they come from: benchmarks/KERNELS.md.
+
+    kind: "decode" (persistent programs, each a slice of the union's neurons, exactly balanced)
+    or "prefill" (one program per token tile x 64-neuron block, like a grouped GEMM); None picks
+    decode up to DECODE_MAX_N tokens. overrides: Plan fields."""
+    n_exp = d_ff // expert_size
+    e_pad = max(2, _pow2(n_exp))
+    d_pad, do_pad = _pow2(d), _pow2(d_out)
+    if kind is None:
+        kind = "decode" if n_tokens <= DECODE_MAX_N else "prefill"
+    if kind == "decode":
+        n_pad = min(MAX_TILE_TOKENS, _pow2(n_tokens))
+        # CUDA-core FMAs cost 2N flops per weight byte pair; past ~4 tokens they stop hiding
+        # under the loads, and tensor cores (tokens padded to 16) take over
+        dot = n_tokens > 4
+        tile_m = max(16, n_pad) if dot else n_pad
+        up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
+        up_sub = 16 if dot else max(1, min(8, 16384 // (n_pad * up_block_k)))
+        fuse_down = not dot and n_pad * do_pad <= 8192 and up_sub * do_pad <= 16384
+        down_block_d = 128 if dot else min(do_pad, max(64, 4096 // n_pad))
+        n_dtiles = triton.cdiv(d_out, down_block_d)
+        # router: enough programs to stream router_w at full bandwidth
+        rbe = max(1, min(16, _floor_pow2(n_exp // (2 * n_sm)))) if n_exp >= 4 * n_sm else 1
+        base = dict(
+            tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
+            up_dot=dot, down_dot=dot, router_dot=False,
+            router_block_e=rbe, router_block_k=min(d_pad, max(64, 8192 // (n_pad * rbe))),
+            router_warps=4, sel_n=1,
+            up_programs=2 * n_sm, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
+            up_warps=4 if dot else 8, up_stages=3 if dot else 1,
+            down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
+            down_block_d=down_block_d, down_ks=max(1, (2 * n_sm) // n_dtiles),
+            down_warps=4 if dot else 8, down_stages=3 if dot else 1,
+        )
+    elif kind == "prefill":
+        tile_m = MAX_TILE_TOKENS
+        n_mtiles = triton.cdiv(n_tokens, tile_m)
+        up_sub = 64
+        n_dtiles = triton.cdiv(d_out, 128)
+        base = dict(
+            tile_m=tile_m, fused_select=False, fuse_down=False,
+            up_dot=True, down_dot=True, router_dot=True,
+            router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
+            sel_n=max(1, min(16, 8192 // e_pad)),
+            up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
+            up_unit=up_sub, up_warps=4, up_stages=3,
+            down_block_q=64, down_block_d=128,
+            down_ks=max(1, min(8, n_sm // (n_mtiles * n_dtiles))), down_warps=4, down_stages=3,
+        )
+    else:
+        raise ValueError(f"plan: kind must be 'decode' or 'prefill', got {kind!r}")
+    base.update(overrides)
+    p = Plan(**base)
+    _check(p, n_tokens)
+    return p
+
+
+def _check(p: Plan, n_tokens: int):
+    for name in ("tile_m", "sel_n", "up_sub", "up_block_k", "down_block_q", "down_block_d",
+                 "router_block_e", "router_block_k"):
+        v = getattr(p, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"plan: {name}={v} must be a power of two")
+    if p.tile_m > MAX_TILE_TOKENS or p.tile_m % p.sel_n:
+        raise ValueError(f"plan: tile_m={p.tile_m} must be <= {MAX_TILE_TOKENS} and a multiple "
+                         f"of sel_n={p.sel_n}")
+    if p.fused_select and n_tokens > p.tile_m:
+        raise ValueError("plan: fused_select needs all tokens in one tile")
+    if p.fuse_down and (p.up_dot or n_tokens > p.tile_m):
+        raise ValueError("plan: fuse_down needs the CUDA-core up kernel and one tile")
+    dots = [p.up_dot and (p.tile_m < 16 or p.up_sub < 16 or p.up_block_k < 16),
+            p.down_dot and (p.tile_m < 16 or p.down_block_q < 16 or p.down_block_d < 16),
+            p.router_dot and (p.tile_m < 16 or p.router_block_e < 16 or p.router_block_k < 16)]
+    if any(dots):
+        raise ValueError("plan: tl.dot needs every block dimension >= 16")
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+
+
+def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
+                      tau, activation: str, expert_size: int, *, config: dict | None = None,
+                      return_keep: bool = False):
+    """The sparse FFN on Triton kernels: (y [..., d_out] in x.dtype, counts float64 [2]).
+
+    tau: 0-d float32 tensor on x's device (a Python float is accepted for convenience); it is
+    only read by the kernels, so changing it needs no recompile and works in CUDA graphs.
+    config: overrides of `plan()` fields (benchmarks and tests); return_keep: also return the
+    kept mask [N, E] bool the kernels used (tests)."""
+    d = x.shape[-1]
+    x2d = x.reshape(-1, d)
+    n_tokens, d_ff, d_out = int(x2d.shape[0]), int(w_up.shape[0]), int(w_down.shape[0])
+    n_exp = d_ff // expert_size
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    if n_exp * expert_size != d_ff:
+        raise ValueError(f"expert_size={expert_size} does not divide d_ff={d_ff}")
+    if n_exp > MAX_EXPERTS or n_tokens == 0:
+        y, counts = sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
+                                         router_b, tau, activation, expert_size)
+        return (y, counts, None) if return_keep else (y, counts)
+    if not isinstance(tau, torch.Tensor):
+        tau = torch.full((), float(tau), dtype=torch.float32, device=x.device)
+    elif tau.dtype != torch.float32:
+        tau = tau.float()
+
+    p = plan(n_tokens, d, d_out, d_ff, expert_size, _num_sms(x.device), **(config or {}))
+    y, counts, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
+                              router_b, tau, ACTIVATIONS[activation], expert_size, p)
+    y = y.reshape(*x.shape[:-1], d_out)
+    if not return_keep:
+        return y, counts
+    tok = torch.arange(n_tokens, device=x.device)
+    keep = (bits[tok // p.tile_m] >> (tok % p.tile_m)[:, None]) & 1
+    return y, counts, keep.bool()
+
+
+def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, act, s,
+            p: Plan):
+    dev, dtype = x2d.device, x2d.dtype
+    n, d = x2d.shape
+    d_ff, d_out = w_up.shape[0], w_down.shape[0]
+    n_exp = d_ff // s
+    e_pad = max(2, _pow2(n_exp))
+    ieee = dtype == torch.float32
+    n_mtiles = triton.cdiv(n, p.tile_m)
+    n_dtiles = triton.cdiv(d_out, p.down_block_d)
+    split_down = not p.fuse_down and p.down_ks > 1
+
+    def dummy(dt):
+        return _empty((1,), dt, dev)
+
+    need_acc = p.fuse_down or split_down
+    n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
+    logits = _empty((n, n_exp), torch.float32, dev)
+    bits = _empty((n_mtiles, n_exp), torch.int64, dev)
+    counts = _empty((2,), torch.float64, dev)
+    y = _empty((n, d_out), dtype, dev)
+    acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
+    counters = _empty((max(1, n_counters),), torch.int32, dev)
+    h = dummy(dtype) if p.fuse_down else _empty((n, d_ff), dtype, dev)
+
+    # scratch rows: the experts one program touches (see _up_kernel)
+    span = triton.cdiv(triton.cdiv(d_ff, p.up_unit), p.up_programs) * p.up_unit
+    up_maxe = (span - 1) // s + 2
+    scr_e = _empty((n_mtiles * p.up_programs * up_maxe,), torch.int32, dev)
+    scr_b = _empty((n_mtiles * p.up_programs * up_maxe,), torch.int64, dev)
+
+    # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
+    #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
+    r_block_n = p.tile_m if p.router_dot else _pow2(n)
+    r_grid = (triton.cdiv(n_exp, p.router_block_e), triton.cdiv(n, r_block_n))
+    n_zero_bits = 0 if p.fused_select else bits.numel()
+    n_zero_acc = acc.numel() if need_acc else 0
+    n_zero = max(n_zero_bits, n_zero_acc, n_counters, 1)
+    zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
+    wrap_triton(_router_kernel)[r_grid](
+        x2d, x2d.stride(0), x2d.stride(1), router_w, router_w.stride(0), router_w.stride(1),
+        router_b, logits, counts,
+        bits, n_zero_bits, acc, n_zero_acc, counters, n_counters,
+        n, d, n_exp,
+        USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
+        BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k, ZBLOCK=zblock,
+        num_warps=p.router_warps,
+    )
+
+    # 2. selection
+    if not p.fused_select:
+        wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
+            logits, tau, bits, counts, n, n_exp, s,
+            TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=4,
+        )
+
+    # 3. up (+ down when fused)
+    gated = w_gate is not None
+    wg = w_gate if gated else w_up
+    wd_strides = (w_down.stride(0), w_down.stride(1))
+    wrap_triton(_up_kernel)[(n_mtiles, p.up_programs)](
+        x2d, x2d.stride(0), x2d.stride(1),
+        w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
+        wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
+        w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
+        logits, tau, bits, counts,
+        h, acc, counters, y, scr_e, scr_b,
+        n, d, d_out, d_ff, n_exp, s,
+        ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
+        HAS_BD=b_down is not None,
+        FUSED_SELECT=p.fused_select, FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot, IEEE=ieee,
+        BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k, DO_PAD=_pow2(d_out),
+        E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit,
+        num_warps=p.up_warps, num_stages=p.up_stages,
+    )
+
+    # 4. down
+    if not p.fuse_down:
+        down_maxe = (triton.cdiv(d_ff, p.down_ks) - 1) // s + 2
+        scr_d = _empty((n_mtiles * n_dtiles * p.down_ks * down_maxe,), torch.int32, dev)
+        wrap_triton(_down_kernel)[(n_mtiles, n_dtiles * p.down_ks)](
+            h, w_down, *wd_strides, b_down if b_down is not None else dummy(dtype), bits,
+            acc, counters, y, scr_d,
+            n, d_out, d_ff, n_exp, s,
+            HAS_BD=b_down is not None, USE_DOT=p.down_dot, IEEE=ieee,
+            BLOCK_M=p.tile_m, BLOCK_Q=p.down_block_q, BLOCK_D=p.down_block_d,
+            E_PAD=e_pad, MAXE=down_maxe, KS=p.down_ks,
+            num_warps=p.down_warps, num_stages=p.down_stages,
+        )
+    return y, counts, bits
+

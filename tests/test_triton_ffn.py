@@ -1,0 +1,322 @@
+"""Numerics of the Triton sparse-FFN kernels (ppcompile.kernels.triton_ffn) against the torch
+reference (ppcompile.kernels.reference), over shapes, activations, taus, biases, token counts and
+launch plans (every kernel path: fused/separate selection, fused/separate down projection,
+CUDA-core/tensor-core math, split-K, several token tiles).
+
+Without CUDA (or with TRITON_INTERPRET=1 in the environment) the kernels run in the Triton
+interpreter on CPU tensors. The interpreter must be on before triton is first imported (triton's
+own jit functions, tl.sort among them, are built at import); when something imported triton
+earlier (conftest imports torch._dynamo, which does), this module re-runs itself in a subprocess
+with TRITON_INTERPRET=1 (test_in_interpreter_subprocess). With CUDA the kernels run compiled, and
+bf16, torch.compile and CUDA-graph checks run as well. On a GPU machine run both:
+    python -m pytest tests/test_triton_ffn.py -q                       # compiled kernels
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton_ffn.py -q    # interpreter
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+if INTERPRET and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+from ppcompile.kernels import triton_ffn  # noqa: E402
+from ppcompile.kernels.reference import (ACTIVATIONS, ffn_hidden, router_logits,  # noqa: E402
+                                         select_experts, sparse_ffn_reference)
+
+
+def _interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+# interpreter wanted, but triton (or our kernels) were loaded compiled: run in a subprocess
+RESPAWN = INTERPRET and not (_interpreted(triton.language.standard.sort)
+                             and _interpreted(triton_ffn._router_kernel))
+DEVICE = "cpu" if INTERPRET else "cuda"
+BOUNDARY = 1e-5  # experts whose mass_before is this close to tau may be decided either way
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+native_only = pytest.mark.skipif(INTERPRET, reason="needs CUDA and compiled kernels")
+
+
+@pytest.mark.skipif(not RESPAWN, reason="the interpreter runs in this process")
+def test_in_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                         env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch, request):
+    """Every buffer the launcher allocates starts as garbage (NaN, or a nonzero bit pattern), so
+    anything read before it is written, or a workspace a kernel forgot to zero, shows up."""
+    if RESPAWN and request.node.name != "test_in_interpreter_subprocess":
+        pytest.skip("runs in the interpreter subprocess (test_in_interpreter_subprocess)")
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(0x5A5A5A5A)
+
+    monkeypatch.setattr(triton_ffn, "_empty", empty)
+
+
+def make_ffn(n_tokens, d, d_ff, s, *, gated, biases, dtype=torch.float32, seed=0,
+             w_down_layout="col", spread=2.0):
+    """Random FFN + router. spread: std of the router logits (how peaked the softmax is)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    n_exp = d_ff // s
+    x = rnd(n_tokens, d)
+    w_down = rnd(d, d_ff, scale=d_ff ** -0.5)
+    if w_down_layout == "col":  # what the core hands the kernels on CUDA: w_down.t() contiguous
+        w_down = w_down.t().contiguous().t()
+    return dict(
+        x=x, w_up=rnd(d_ff, d, scale=d ** -0.5), b_up=rnd(d_ff) if biases else None,
+        w_gate=rnd(d_ff, d, scale=d ** -0.5) if gated else None,
+        b_gate=rnd(d_ff) if gated and biases else None,
+        w_down=w_down, b_down=rnd(d) if biases else None,
+        router_w=rnd(n_exp, d, scale=spread * d ** -0.5), router_b=rnd(n_exp),
+    )
+
+
+def tau_tensor(tau):
+    return torch.tensor(tau, dtype=torch.float32, device=DEVICE)
+
+
+def mass_before(logits):
+    """Per expert, the softmax mass of the experts ranked above it (as the reference ranks)."""
+    p = logits.float().softmax(-1)
+    ranked, order = p.sort(-1, descending=True)
+    return torch.zeros_like(p).scatter(-1, order, ranked.cumsum(-1) - ranked)
+
+
+def run_and_check(ffn, tau, activation, s, config=None):
+    """Runs the kernels and checks: selection vs reference (boundary experts excepted), y vs the
+    exact FFN of the experts the kernels kept, counts; returns (y, counts, keep)."""
+    y, counts, keep = triton_ffn.sparse_ffn_triton(
+        **ffn, tau=tau_tensor(tau), activation=activation, expert_size=s, config=config,
+        return_keep=True)
+    x = ffn["x"]
+    x2d = x.reshape(-1, x.shape[-1])
+    n = x2d.shape[0]
+
+    logits = router_logits(x2d, ffn["router_w"], ffn["router_b"])
+    keep_ref = select_experts(logits, tau)
+    near_cut = ((mass_before(logits) - tau).abs() <= BOUNDARY) & (tau < 1.0)
+    assert keep.shape == keep_ref.shape
+    assert ((keep == keep_ref) | near_cut).all(), "kept experts differ from the reference"
+    if not near_cut.any():
+        y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(tau),
+                                                 activation=activation, expert_size=s)
+        assert torch.equal(counts.cpu(), counts_ref.cpu())
+
+    assert counts.dtype == torch.float64 and counts.shape == (2,)
+    assert counts.tolist() == [keep.sum().item() * s, float(n)]
+
+    # y against the float64 FFN restricted to exactly the experts the kernels kept
+    dbl = {k: (v.double() if v is not None else None) for k, v in ffn.items()}
+    h = ffn_hidden(dbl["x"].reshape(n, -1), dbl["w_up"], dbl["b_up"], dbl["w_gate"],
+                   dbl["b_gate"], activation)
+    h = h * keep.repeat_interleave(s, dim=1).double()
+    y_exp = F.linear(h, dbl["w_down"], dbl["b_down"]).reshape(*x.shape[:-1], -1)
+    assert y.dtype == x.dtype and y.shape == y_exp.shape
+    assert torch.isfinite(y).all(), "unwritten (poisoned) output elements"
+    tol = TOL[x.dtype]
+    scale = y_exp.abs().max().item() + 1.0
+    err = (y.double() - y_exp).abs().max().item()
+    assert err <= tol * scale, f"max |y - y_ref| = {err:.3g} > {tol * scale:.3g}"
+    return y, counts, keep
+
+
+# Each case: tokens, d, d_ff, expert_size, activation, gated, biases, tau. Token counts 1, 3, 8
+# take the decode plans (1: fused selection + fused down; 3: selection kernel, CUDA cores;
+# 8: tensor cores, split-K down), 40 the many-token plan.
+CASES = []
+_SHAPES = [(32, 64, 8), (64, 128, 16), (32, 128, 32), (64, 64, 16), (64, 128, 8)]
+_TAUS = [0.3, 0.6, 0.9, 1.0, 0.75]
+for i, (act, gated) in enumerate([(a, g) for a in ACTIVATIONS for g in (True, False)]):
+    for j, n in enumerate((1, 3, 8, 40)):
+        d, d_ff, s = _SHAPES[(i + j) % len(_SHAPES)]
+        CASES.append((n, d, d_ff, s, act, gated, (i + j) % 3 != 0, _TAUS[(i + 2 * j) % 5]))
+
+
+def _case_id(c):
+    n, d, d_ff, s, act, gated, biases, tau = c
+    return (f"n{n}-{d}x{d_ff}-s{s}-{act}-{'gated' if gated else 'plain'}"
+            f"-{'bias' if biases else 'nobias'}-tau{tau}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference_fp32(case):
+    n, d, d_ff, s, act, gated, biases, tau = case
+    ffn = make_ffn(n, d, d_ff, s, gated=gated, biases=biases, seed=hash(case) % 1000)
+    run_and_check(ffn, tau, act, s)
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
+def test_matches_reference_fp16(case):
+    n, d, d_ff, s, act, gated, biases, tau = case
+    ffn = make_ffn(n, d, d_ff, s, gated=gated, biases=biases, dtype=torch.float16, seed=7)
+    run_and_check(ffn, tau, act, s)
+
+
+@native_only
+@pytest.mark.parametrize("case", CASES[::2], ids=_case_id)
+def test_matches_reference_bf16(case):
+    n, d, d_ff, s, act, gated, biases, tau = case
+    ffn = make_ffn(n, d, d_ff, s, gated=gated, biases=biases, dtype=torch.bfloat16, seed=11)
+    run_and_check(ffn, tau, act, s)
+
+
+# Launch plans the default table does not pick for these small shapes, so every kernel path
+# runs: (tokens, config)
+PLANS = [
+    (1, dict(fuse_down=False, down_ks=1)),                       # down kernel, direct epilogue
+    (1, dict(fuse_down=False, down_ks=3, down_block_d=16)),      # split-K down, column tiles
+    (2, dict(up_sub=2, up_programs=5)),                          # many small programs
+    (3, dict(fused_select=True)),                                # fused selection, 3 tokens
+    (3, dict(fuse_down=False, down_ks=2, down_block_q=2)),       # CUDA-core down, split-K
+    (8, dict(up_dot=False, down_dot=False, tile_m=8, fuse_down=True)),
+    (8, dict(up_block_k=16, down_block_q=16, down_block_d=16)),  # tensor cores, small blocks
+    (16, dict(sel_n=4, down_ks=1)),
+    (40, dict(tile_m=16, down_ks=2)),                            # 3 token tiles, split-K
+    (40, dict(tile_m=16, up_dot=False, down_dot=False, router_dot=False, up_sub=8,
+              down_block_q=4, down_block_d=32)),                 # many tokens on CUDA cores
+    (40, dict(tile_m=32, up_sub=16, up_unit=1, up_programs=7)),  # unaligned neuron slices
+    (40, dict(kind="decode")),                                   # the other plan of each size
+    (8, dict(kind="prefill")),
+]
+
+
+@pytest.mark.parametrize("n,config", PLANS, ids=[f"n{n}-{'-'.join(c)}" for n, c in PLANS])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_launch_plans(n, config, gated):
+    ffn = make_ffn(n, 64, 128, 16, gated=gated, biases=True, seed=n)
+    run_and_check(ffn, 0.7, "gelu", 16, config=config)
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_w_down_any_strides(layout, n):
+    ffn = make_ffn(n, 32, 64, 8, gated=True, biases=False, w_down_layout=layout, seed=3)
+    run_and_check(ffn, 0.8, "silu", 8)
+
+
+def test_strided_and_batched_input():
+    ffn = make_ffn(6, 32, 64, 16, gated=True, biases=True, seed=5)
+    ffn["x"] = ffn["x"].t().contiguous().t().reshape(2, 3, 32)  # column-major rows, batch dims
+    y, _, _ = run_and_check(ffn, 0.6, "silu", 16)
+    assert y.shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("tau", [1e-6, 1.0, 1.5])
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_extreme_tau(tau, n):
+    """tau -> 0 keeps exactly the top expert of each token; tau >= 1 is the dense FFN."""
+    ffn = make_ffn(n, 32, 128, 16, gated=True, biases=True, seed=9)
+    _, _, keep = run_and_check(ffn, tau, "silu", 16)
+    assert (keep.sum(1) == (1 if tau < 1 else 8)).all()
+
+
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_ties_go_to_lower_index(n):
+    """Equal logits: the kept count follows tau, and ties are taken lowest expert index first."""
+    ffn = make_ffn(n, 32, 128, 8, gated=False, biases=False, seed=1)
+    ffn["router_w"].zero_()
+    ffn["router_b"].zero_()
+    tau = 0.3  # 16 experts of p = 1/16: ranks 0..4 have mass_before < 0.3
+    _, _, keep = run_and_check(ffn, tau, "relu", 8)
+    assert (keep[:, :5].all()) and not keep[:, 5:].any()
+
+
+def test_changing_tau_changes_selection_without_new_plan():
+    ffn = make_ffn(3, 64, 128, 16, gated=True, biases=True, seed=4)
+    kept = [run_and_check(ffn, tau, "silu", 16)[2].sum().item() for tau in (0.2, 0.95)]
+    assert kept[0] < kept[1]
+
+
+def test_too_many_experts_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(triton_ffn, "MAX_EXPERTS", 2)
+    ffn = make_ffn(3, 32, 64, 8, gated=True, biases=True, seed=2)
+    y, counts = triton_ffn.sparse_ffn_triton(**ffn, tau=tau_tensor(0.5), activation="silu",
+                                             expert_size=8)
+    y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(0.5), activation="silu",
+                                             expert_size=8)
+    assert torch.equal(y, y_ref) and torch.equal(counts, counts_ref)
+
+
+@pytest.mark.parametrize("kind", [None, "decode", "prefill"])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 16, 17, 64, 256, 1024])
+@pytest.mark.parametrize("shape", [(576, 1536), (2048, 8192), (4096, 11008), (4096, 14336)])
+def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind):
+    d, d_ff = shape
+    p = triton_ffn.plan(n, d, d, d_ff, 16, n_sm=132, kind=kind)
+    if n == 1 and kind != "prefill":  # one token: router + one expert kernel, nothing else
+        assert p.fused_select and p.fuse_down
+
+
+def test_gpu_op_registration():
+    from ppcompile.kernels import gpu_op, ops  # noqa: F401
+
+    ours = torch.ops.ppcompile.sparse_ffn_triton.default._schema
+    theirs = torch.ops.ppcompile.sparse_ffn.default._schema
+    assert [(a.name, str(a.type)) for a in ours.arguments] == \
+        [(a.name, str(a.type)) for a in theirs.arguments]
+    assert [str(r.type) for r in ours.returns] == [str(r.type) for r in theirs.returns]
+    assert not any(a.alias_info and a.alias_info.is_write for a in ours.arguments)
+
+    ffn = make_ffn(3, 32, 64, 16, gated=True, biases=True, seed=6)
+    y, counts = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), "silu", 16)
+    y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(0.7), activation="silu",
+                                             expert_size=16)
+    assert torch.allclose(y, y_ref, atol=1e-4) and torch.equal(counts.cpu(), counts_ref.cpu())
+
+
+@native_only
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_torch_compile_sees_the_kernels(n):
+    """Inductor traces the triton_op body (no graph break) and gives the eager result."""
+    from ppcompile.kernels import gpu_op  # noqa: F401
+
+    ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=8)
+    tau = tau_tensor(0.7)
+
+    def f(*args):
+        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16)
+
+    eager = f(*ffn.values())
+    compiled = torch.compile(f, fullgraph=True)(*ffn.values())
+    assert torch.equal(compiled[1], eager[1])
+    assert torch.allclose(compiled[0].float(), eager[0].float(), atol=1e-2, rtol=1e-2)
+
+
+@native_only
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_cuda_graph_replay_follows_tau(n):
+    """tau is read on the device only: a captured graph follows in-place changes of it."""
+    from ppcompile.kernels import gpu_op  # noqa: F401
+
+    ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=10)
+    tau = tau_tensor(0.9)
+    op = torch.ops.ppcompile.sparse_ffn_triton
+    op(*ffn.values(), tau, "silu", 16)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, counts = op(*ffn.values(), tau, "silu", 16)
+    for value in (0.9, 0.2, 1.0):
+        tau.fill_(value)
+        graph.replay()
+        y_eager, counts_eager = op(*ffn.values(), tau, "silu", 16)
+        assert torch.equal(counts, counts_eager)
+        assert torch.allclose(y.float(), y_eager.float(), atol=1e-2, rtol=1e-2)
