@@ -69,7 +69,8 @@ def add_demo(subparsers):
     p.add_argument("--batch-size", type=_positive, default=8, metavar="B",
                    help="windows per forward call (one fixed shape: the compiled model never "
                    "recompiles)")
-    p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH", help="calibration text (UTF-8)")
+    p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH",
+                   help="calibration text (UTF-8)")
     p.add_argument("--eval-text", type=Path, default=EVAL_TEXT, metavar="PATH",
                    help="evaluation text (UTF-8), disjoint from the calibration text")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT, metavar="DIR",

