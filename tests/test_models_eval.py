@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -105,9 +106,11 @@ def test_perplexity_compiled_at_tau_1_matches_eager():
     sparse = evaluate.perplexity(compiled, w, 4)
     assert sparse == pytest.approx(dense, rel=1e-4)
     assert ppcompile.report(compiled).active_fraction == pytest.approx(1.0)
+    graphs = counters["stats"]["unique_graphs"]
     ppcompile.set_tau(compiled, 0.5)
-    evaluate.perplexity(compiled, w, 4)
+    evaluate.perplexity(compiled, w[:6], 4)  # the partial batch is dropped, not run
     assert ppcompile.report(compiled).active_fraction < 1.0
+    assert counters["stats"]["unique_graphs"] == graphs, "perplexity made the model recompile"
 
 
 def test_embedding_cosine():
