@@ -302,6 +302,27 @@ def test_torch_compile_sees_the_kernels(n):
 
 @native_only
 @pytest.mark.parametrize("n", [1, 8, 40])
+def test_inductor_adds_no_kernels(n):
+    """Inductor's mutation analysis must see that the kernels write only their own buffers:
+    otherwise it clones inputs (tau, weights) before every call, in kernels of its own."""
+    from torch._inductor.utils import run_and_get_code
+
+    from ppcompile.kernels import gpu_op  # noqa: F401
+
+    ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=12)
+    tau = tau_tensor(0.7)
+
+    def f(*args):
+        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16)
+
+    _, codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
+    code = "\n".join(codes)
+    for own in ("triton_poi_", "triton_per_", "triton_red_", "extern_kernels."):
+        assert own not in code, f"Inductor added {own}... around the op"
+
+
+@native_only
+@pytest.mark.parametrize("n", [1, 8, 40])
 def test_cuda_graph_replay_follows_tau(n):
     """tau is read on the device only: a captured graph follows in-place changes of it."""
     from ppcompile.kernels import gpu_op  # noqa: F401

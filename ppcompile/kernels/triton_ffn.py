@@ -125,24 +125,20 @@ def _zero(ptr, n, lin, nprog, ZBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select(logits_ptr, tau_ptr, row0, N, E, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr):
-    """Kept mask [BLOCK_N, E_PAD] of tokens row0.. (rows >= N and experts >= E: False).
+def _select(logits, valid, row_ok, tau):
+    """Kept mask of logits [BLOCK_N, E_PAD] (valid: real token and expert; row_ok: real token).
 
     Same rule as reference.select_experts: softmax, sort descending, keep rank r iff the mass of
     the ranks above it is < tau (or tau >= 1). The sort runs on fp32 values only; the cut is then
-    turned into a threshold value, and experts tied with it are taken lowest index first."""
-    rows = row0 + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, E_PAD)
-    valid = (rows[:, None] < N) & (cols[None, :] < E)
-    logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=valid,
-                     other=float("-inf"))
-    top = tl.where(rows < N, tl.max(logits, axis=1), 0.0)
+    turned into a threshold value, and experts tied with it are taken lowest index first.
+    Takes values, not pointers: Inductor's mutation analysis counts every pointer that reaches a
+    store address through a call as written (tau, a graph input, would be cloned per call)."""
+    top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
     ex = tl.exp(logits - top[:, None])
     z = tl.sum(ex, axis=1)
     p = ex / tl.where(z > 0, z, 1.0)[:, None]
     ranked = tl.sort(tl.where(valid, p, -1.0), dim=1, descending=True)  # padding sorts last
     mass_before = tl.cumsum(ranked, axis=1) - ranked
-    tau = tl.load(tau_ptr)
     cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
     kept_ranked = (mass_before < cut) & (ranked >= 0.0)
     n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
@@ -210,10 +206,13 @@ def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
                    TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr):
     # SEL_N divides TILE_M: all tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
-    keep = _select(logits_ptr, tau_ptr, row0, N, E, SEL_N, E_PAD)
-    tok = row0 % TILE_M + tl.arange(0, SEL_N)
-    bits = _token_bits(keep, tok, SEL_N)
+    rows = row0 + tl.arange(0, SEL_N)
     cols = tl.arange(0, E_PAD)
+    valid = (rows[:, None] < N) & (cols[None, :] < E)
+    logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=valid,
+                     other=float("-inf"))
+    keep = _select(logits, valid, rows < N, tl.load(tau_ptr))
+    bits = _token_bits(keep, rows % TILE_M, SEL_N)
     tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
                  sem="relaxed")
     n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
@@ -247,7 +246,10 @@ def _up_kernel(
     if FUSED_SELECT:
         # one tile of at most a few tokens: every program selects by itself (identical results)
         # instead of waiting for a selection kernel
-        keep = _select(logits_ptr, tau_ptr, 0, N, E, BLOCK_N, E_PAD)
+        valid = row_ok[:, None] & (eidx[None, :] < E)
+        logits = tl.load(logits_ptr + rows[:, None] * E + eidx[None, :], mask=valid,
+                         other=float("-inf"))
+        keep = _select(logits, valid, row_ok, tl.load(tau_ptr))
         bits = _token_bits(keep, tok, BLOCK_N)
         if p == 0:
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
@@ -437,12 +439,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: int,
-         kind: str | None = None, **overrides) -> Plan:
+         kind: str | None = None, dot: bool | None = None, **overrides) -> Plan:
     """The shape table. Rules and the measurements they come from: benchmarks/KERNELS.md.
 
     kind: "decode" (persistent programs, each a slice of the union's neurons, exactly balanced)
     or "prefill" (one program per token tile x 64-neuron block, like a grouped GEMM); None picks
-    decode up to DECODE_MAX_N tokens. overrides: Plan fields."""
+    decode up to DECODE_MAX_N tokens. dot: decode on tensor cores (None: above 4 tokens).
+    overrides: Plan fields."""
     n_exp = d_ff // expert_size
     e_pad = max(2, _pow2(n_exp))
     d_pad, do_pad = _pow2(d), _pow2(d_out)
@@ -452,20 +455,23 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         n_pad = min(MAX_TILE_TOKENS, _pow2(n_tokens))
         # CUDA-core FMAs cost 2N flops per weight byte pair; past ~4 tokens they stop hiding
         # under the loads, and tensor cores (tokens padded to 16) take over
-        dot = n_tokens > 4
+        if dot is None:
+            dot = n_tokens > 4
         tile_m = max(16, n_pad) if dot else n_pad
         up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
         up_sub = 16 if dot else max(1, min(8, 16384 // (n_pad * up_block_k)))
         fuse_down = not dot and n_pad * do_pad <= 8192 and up_sub * do_pad <= 16384
         down_block_d = 128 if dot else min(do_pad, max(64, 4096 // n_pad))
         n_dtiles = triton.cdiv(d_out, down_block_d)
-        # router: enough programs to stream router_w at full bandwidth
+        # router: enough programs to stream router_w at full bandwidth; a GEMM past 16 tokens
+        router_dot = n_tokens > DECODE_MAX_N
         rbe = max(1, min(16, _floor_pow2(n_exp // (2 * n_sm)))) if n_exp >= 4 * n_sm else 1
+        rbe = min(64, max(16, e_pad)) if router_dot else rbe
+        rbk = 64 if router_dot else min(d_pad, max(64, 8192 // (min(n_pad, 16) * rbe)))
         base = dict(
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
-            up_dot=dot, down_dot=dot, router_dot=False,
-            router_block_e=rbe, router_block_k=min(d_pad, max(64, 8192 // (n_pad * rbe))),
-            router_warps=4, sel_n=1,
+            up_dot=dot, down_dot=dot, router_dot=router_dot,
+            router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1,
             up_programs=2 * n_sm, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
@@ -589,7 +595,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
 
     # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
     #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
-    r_block_n = p.tile_m if p.router_dot else _pow2(n)
+    r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
     r_grid = (triton.cdiv(n_exp, p.router_block_e), triton.cdiv(n, r_block_n))
     n_zero_bits = 0 if p.fused_select else bits.numel()
     n_zero_acc = acc.numel() if need_acc else 0
