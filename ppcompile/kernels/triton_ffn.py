@@ -167,8 +167,8 @@ def _router_kernel(
     logits_ptr, counts_ptr,
     z64_ptr, n_z64, zf32_ptr, n_zf32, zi32_ptr, n_zi32,
     N, D, E,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ZBLOCK: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
     pe = tl.program_id(0)
     pn = tl.program_id(1)
@@ -188,8 +188,8 @@ def _router_kernel(
     e_ok = es < E
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + kk
+    for ks in range(K_STEPS):
+        k = ks * BLOCK_K + kk
         k_ok = k < D
         xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -232,9 +232,11 @@ def _up_kernel(
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
     FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr, USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, DO_PAD: tl.constexpr,
-    E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
 ):
+    # K_STEPS = cdiv(D, BLOCK_K) as a constant: with one step the K loop disappears and all of a
+    # block's weight loads (gate, up and, fused, down) are issued together
     m = tl.program_id(0)          # token tile
     p = tl.program_id(1)          # slice of the tile's compact neurons
     P = tl.num_programs(1)
@@ -284,10 +286,13 @@ def _up_kernel(
         e = tl.load(scr_e_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
         ebits = tl.load(scr_b_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
         nrn = e * S + q % S
+        if FUSE_DOWN:
+            wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                         mask=q_ok[:, None] & (oo < DO)[None, :], other=0.0)
         acc_u = tl.zeros([BLOCK_N, SUB], tl.float32)
         acc_g = tl.zeros([BLOCK_N, SUB], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + kk
+        for ks in range(K_STEPS):
+            k = ks * BLOCK_K + kk
             k_ok = k < D
             xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -310,8 +315,6 @@ def _up_kernel(
         kept = ((ebits[None, :] >> tok[:, None].to(tl.int64)) & 1) != 0
         h = tl.where(kept & q_ok[None, :] & row_ok[:, None], h, 0.0)
         if FUSE_DOWN:
-            wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
-                         mask=q_ok[:, None] & (oo < DO)[None, :], other=0.0)
             y_acc = _mac_nn(h, wd, y_acc, False, IEEE)
         else:
             tl.store(h_ptr + rows[:, None] * F + nrn[None, :], h.to(h_ptr.dtype.element_ty),
@@ -459,7 +462,9 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             dot = n_tokens > 4
         tile_m = max(16, n_pad) if dot else n_pad
         up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
-        up_sub = 16 if dot else max(1, min(8, 16384 // (n_pad * up_block_k)))
+        # CUDA cores: [SUB, BLOCK_K] weight tiles of <= 8192 elements keep the one-token kernel
+        # (gate, up and down tiles in flight at once) near 80 registers: 2 programs per SM
+        up_sub = 16 if dot else max(1, min(8, 8192 // (n_pad * up_block_k)))
         fuse_down = not dot and n_pad * do_pad <= 8192 and up_sub * do_pad <= 16384
         down_block_d = 128 if dot else min(do_pad, max(64, 4096 // n_pad))
         n_dtiles = triton.cdiv(d_out, down_block_d)
@@ -548,6 +553,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
         return (y, counts, None) if return_keep else (y, counts)
     if not isinstance(tau, torch.Tensor):
         tau = torch.full((), float(tau), dtype=torch.float32, device=x.device)
+    elif tau.device != x.device:
+        raise ValueError(f"tau is on {tau.device}, x on {x.device}: the kernels read tau in place")
     elif tau.dtype != torch.float32:
         tau = tau.float()
 
@@ -607,7 +614,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         bits, n_zero_bits, acc, n_zero_acc, counters, n_counters,
         n, d, n_exp,
         USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
-        BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k, ZBLOCK=zblock,
+        BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k,
+        K_STEPS=triton.cdiv(d, p.router_block_k), ZBLOCK=zblock,
         num_warps=p.router_warps,
     )
 
@@ -633,7 +641,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
         FUSED_SELECT=p.fused_select, FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot, IEEE=ieee,
-        BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k, DO_PAD=_pow2(d_out),
+        BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
+        K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
         E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit,
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
