@@ -48,6 +48,7 @@ BATCHES = [1, 8]
 EXPERT_SIZE = 16
 TAU = 0.999
 PREFILL_TOKENS = [16, 64, 256, 1024]
+PREFILL_SHAPE = (4096, 14336)
 BRIEF_READ_BW = 4.39e12  # the bandwidth the targets were set with
 
 
@@ -439,7 +440,7 @@ def sweep_plans(clock, l2_bytes):
 def bench_prefill(clock, l2_bytes):
     gen = torch.Generator().manual_seed(4)
     tau = torch.tensor(TAU, device="cuda")
-    d, d_ff = 4096, 14336
+    d, d_ff = PREFILL_SHAPE
     weights = Weights(d, d_ff, 3)
     out = []
     with direct_launches() as tf:
