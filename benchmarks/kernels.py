@@ -197,7 +197,7 @@ def check_numerics(clock):
             x = rnd(n, d).to("cuda", dtype)
             for tau_value in (0.5, 0.9, 1.0):
                 tau = torch.tensor(tau_value, device="cuda")
-                y, counts = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE)
+                y, counts = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
                 y_ref, counts_ref = sparse_ffn_reference(x, **ffn, tau=tau, activation="silu",
                                                          expert_size=EXPERT_SIZE)
                 y_hi, _ = sparse_ffn_reference(x.double(), **ffn_hi, tau=tau, activation="silu",
@@ -213,7 +213,8 @@ def check_numerics(clock):
                        err <= tol and counts_ok and torch.isfinite(y).all(),
                        f"rel err {err:.2e} (torch reference in this dtype {ref_err:.2e}, "
                        f"limit {tol:.1e}), counts {counts.tolist()} vs {counts_ref.tolist()}"
-                       + (f", {int(near.any(1).sum())} boundary tokens skipped" if near.any() else ""))
+                       + (f", {int(near.any(1).sum())} boundary tokens skipped"
+                          if near.any() else ""))
         clock.log(f"numerics {dtype} done")
 
     # through Inductor, and a captured graph following tau
@@ -221,20 +222,20 @@ def check_numerics(clock):
     for n in (1, 64):
         x = rnd(n, d).to("cuda", torch.bfloat16)
         tau = torch.tensor(0.8, device="cuda")
-        fn = torch.compile(lambda *a: op(*a, tau, "silu", EXPERT_SIZE), fullgraph=True,
-                           dynamic=False)
+        fn = torch.compile(lambda *a: op(*a, tau, "silu", EXPERT_SIZE, "prunepath"),
+                           fullgraph=True, dynamic=False)
         y_c, counts_c = fn(x, *ffn.values())
-        y_e, counts_e = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE)
+        y_e, counts_e = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
         err = ((y_c.float() - y_e.float()).norm() / y_e.float().norm()).item()
         report(f"torch.compile n={n}", err < 1e-2 and torch.equal(counts_c, counts_e),
                f"rel diff to eager {err:.1e}")
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            y_g, counts_g = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE)
+            y_g, counts_g = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
         tau.fill_(0.3)
         graph.replay()
-        y_e, counts_e = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE)
+        y_e, counts_e = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
         report(f"cuda graph, tau 0.8 -> 0.3, n={n}",
                torch.equal(counts_g, counts_e) and torch.allclose(y_g, y_e, atol=1e-2, rtol=1e-2),
                f"counts {counts_g.tolist()} vs eager {counts_e.tolist()}")
@@ -300,7 +301,7 @@ def bench_decode(clock, bw, l2_bytes):
                 x, routers, unions, kept = routed_inputs(d, weights.n_exp, batch, fraction,
                                                          copies, gen)
                 calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau,
-                                             "silu", EXPERT_SIZE)
+                                             "silu", EXPERT_SIZE, "prunepath")
                          for w, r in zip(weights.sets, routers)]
                 ours_us = time_calls(calls)
                 counts = calls[0]()[1].tolist()
@@ -357,7 +358,8 @@ def profile_kernels(clock, l2_bytes):
         weights = Weights(d, d_ff, copies)
         x, routers, _, _ = routed_inputs(d, weights.n_exp, batch, 0.25, copies, gen)
         calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu",
-                                     EXPERT_SIZE) for w, r in zip(weights.sets, routers)]
+                                     EXPERT_SIZE, "prunepath")
+                 for w, r in zip(weights.sets, routers)]
         for c in calls:
             c()
         torch.cuda.synchronize()
@@ -391,8 +393,8 @@ SWEEP = {
         dict(fuse_down=False), dict(router_block_e=1), dict(router_block_e=8),
     ],
     ((4096, 14336), 8): [
-        {}, dict(dot=False), dict(up_programs_x=1), dict(up_programs_x=4), dict(down_ks=4), dict(down_ks=16),
-        dict(down_block_d=256), dict(up_block_k=64), dict(fused_select=True),
+        {}, dict(dot=False), dict(up_programs_x=1), dict(up_programs_x=4), dict(down_ks=4),
+        dict(down_ks=16), dict(down_block_d=256), dict(up_block_k=64), dict(fused_select=True),
     ],
     ((576, 1536), 1): [{}, dict(up_programs_x=1), dict(fused_select=False),
                        dict(fuse_down=False), dict(up_sub=2), dict(up_sub=16)],

@@ -28,7 +28,8 @@ if INTERPRET and "triton" not in sys.modules:
 triton = pytest.importorskip("triton")
 from ppcompile.kernels import triton_ffn  # noqa: E402
 from ppcompile.kernels.reference import (ACTIVATIONS, ffn_hidden, router_logits,  # noqa: E402
-                                         select_experts, sparse_ffn_reference)
+                                         select_experts, select_top_fraction,
+                                         sparse_ffn_reference)
 
 
 def _interpreted(fn) -> bool:
@@ -103,24 +104,30 @@ def mass_before(logits):
     return torch.zeros_like(p).scatter(-1, order, ranked.cumsum(-1) - ranked)
 
 
-def run_and_check(ffn, tau, activation, s, config=None):
-    """Runs the kernels and checks: selection vs reference (boundary experts excepted), y vs the
-    exact FFN of the experts the kernels kept, counts; returns (y, counts, keep)."""
+def run_and_check(ffn, tau, activation, s, config=None, method="prunepath"):
+    """Runs the kernels and checks: selection vs reference (for prunepath, experts at the cut
+    excepted), y vs the exact FFN of the experts the kernels kept, counts; returns
+    (y, counts, keep)."""
     y, counts, keep = triton_ffn.sparse_ffn_triton(
-        **ffn, tau=tau_tensor(tau), activation=activation, expert_size=s, config=config,
-        return_keep=True)
+        **ffn, tau=tau_tensor(tau), activation=activation, expert_size=s, method=method,
+        config=config, return_keep=True)
     x = ffn["x"]
     x2d = x.reshape(-1, x.shape[-1])
     n = x2d.shape[0]
 
     logits = router_logits(x2d, ffn["router_w"], ffn["router_b"])
-    keep_ref = select_experts(logits, tau)
-    near_cut = ((mass_before(logits) - tau).abs() <= BOUNDARY) & (tau < 1.0)
+    if method == "prunepath":
+        keep_ref = select_experts(logits, tau)
+        near_cut = ((mass_before(logits) - tau).abs() <= BOUNDARY) & (tau < 1.0)
+    else:  # a count, not a mass: exact (random logits have no ties)
+        keep_ref = select_top_fraction(logits, tau)
+        near_cut = torch.zeros_like(keep_ref)
     assert keep.shape == keep_ref.shape
     assert ((keep == keep_ref) | near_cut).all(), "kept experts differ from the reference"
     if not near_cut.any():
         y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(tau),
-                                                 activation=activation, expert_size=s)
+                                                 activation=activation, expert_size=s,
+                                                 method=method)
         assert torch.equal(counts.cpu(), counts_ref.cpu())
 
     assert counts.dtype == torch.float64 and counts.shape == (2,)
@@ -242,6 +249,31 @@ def test_ties_go_to_lower_index(n):
     assert (keep[:, :5].all()) and not keep[:, 5:].any()
 
 
+@pytest.mark.parametrize("tau", [0.25, 0.3125, 0.4375, 1.0])  # E=8: 2, 2.5 -> 2, 3.5 -> 4, 8
+@pytest.mark.parametrize("n", [1, 3, 8, 40])
+@pytest.mark.parametrize("method", ["topk", "static"])
+def test_top_fraction_methods(method, n, tau):
+    """round(tau * E) highest logits per token, rounded like Python (half to even); "static"
+    is the same rule on a router that is all bias (the same experts for every token)."""
+    ffn = make_ffn(n, 32, 128, 16, gated=True, biases=True, seed=13)
+    if method == "static":
+        ffn["router_w"].zero_()
+    _, _, keep = run_and_check(ffn, tau, "silu", 16, method=method)
+    assert (keep.sum(1) == max(1, round(tau * 8))).all()
+    if method == "static":
+        assert (keep == keep[:1]).all()
+
+
+def test_oracle_and_unknown_methods():
+    ffn = make_ffn(3, 32, 64, 8, gated=True, biases=True, seed=14)
+    args = dict(**ffn, tau=tau_tensor(0.6), activation="silu", expert_size=8)
+    y, counts = triton_ffn.sparse_ffn_triton(**args, method="oracle")
+    y_ref, counts_ref = sparse_ffn_reference(**args, method="oracle")
+    assert torch.equal(y, y_ref) and torch.equal(counts, counts_ref)
+    with pytest.raises(ValueError, match="unknown method"):
+        triton_ffn.sparse_ffn_triton(**args, method="nope")
+
+
 def test_tau_changes_selection():
     ffn = make_ffn(3, 64, 128, 16, gated=True, biases=True, seed=4)
     kept = [run_and_check(ffn, tau, "silu", 16)[2].sum().item() for tau in (0.2, 0.95)]
@@ -279,7 +311,8 @@ def test_gpu_op_registration():
     assert not any(a.alias_info and a.alias_info.is_write for a in ours.arguments)
 
     ffn = make_ffn(3, 32, 64, 16, gated=True, biases=True, seed=6)
-    y, counts = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), "silu", 16)
+    y, counts = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), "silu", 16,
+                                                      "prunepath")
     y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(0.7), activation="silu",
                                              expert_size=16)
     assert torch.allclose(y, y_ref, atol=1e-4) and torch.equal(counts.cpu(), counts_ref.cpu())
@@ -297,7 +330,7 @@ def test_torch_compile_sees_the_kernels(n, monkeypatch):
     tau = tau_tensor(0.7)
 
     def f(*args):
-        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16)
+        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16, "prunepath")
 
     eager = f(*ffn.values())
     compiled = torch.compile(f, fullgraph=True)(*ffn.values())
@@ -320,7 +353,7 @@ def test_inductor_adds_no_kernels(n, monkeypatch):
     tau = tau_tensor(0.7)
 
     def f(*args):
-        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16)
+        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16, "prunepath")
 
     _, codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
     code = "\n".join(codes)
@@ -337,14 +370,14 @@ def test_cuda_graph_replay_follows_tau(n):
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=10)
     tau = tau_tensor(0.9)
     op = torch.ops.ppcompile.sparse_ffn_triton
-    op(*ffn.values(), tau, "silu", 16)  # compile outside the capture
+    op(*ffn.values(), tau, "silu", 16, "prunepath")  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, counts = op(*ffn.values(), tau, "silu", 16)
+        y, counts = op(*ffn.values(), tau, "silu", 16, "prunepath")
     for value in (0.9, 0.2, 1.0):
         tau.fill_(value)
         graph.replay()
-        y_eager, counts_eager = op(*ffn.values(), tau, "silu", 16)
+        y_eager, counts_eager = op(*ffn.values(), tau, "silu", 16, "prunepath")
         assert torch.equal(counts, counts_eager)
         assert torch.allclose(y.float(), y_eager.float(), atol=1e-2, rtol=1e-2)

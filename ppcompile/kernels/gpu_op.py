@@ -29,7 +29,7 @@ if AVAILABLE:
     def sparse_ffn_triton(x: Tensor, w_up: Tensor, b_up: Optional[Tensor],
                           w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_down: Tensor,
                           b_down: Optional[Tensor], router_w: Tensor, router_b: Tensor,
-                          tau: Tensor, activation: str,
-                          expert_size: int) -> tuple[Tensor, Tensor]:
+                          tau: Tensor, activation: str, expert_size: int,
+                          method: str) -> tuple[Tensor, Tensor]:
         return _sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
-                                  router_b, tau, activation, expert_size)
+                                  router_b, tau, activation, expert_size, method)

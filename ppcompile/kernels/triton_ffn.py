@@ -12,8 +12,9 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
 * Kernels (launch order):
     1. _router_kernel: router logits (fp32) into a workspace; it also zeroes every workspace the
        later kernels accumulate into, so no memset launch is needed.
-    2. _select_kernel: per token softmax + top-p selection, OR-ed into bits. Skipped for one or two
-       tokens: the expert kernel then selects itself (see FUSED_SELECT).
+    2. _select_kernel: per token softmax + top-p selection (or, for the "topk"/"static" methods,
+       the round(tau * E) highest logits), OR-ed into bits. Skipped for one or two tokens: the
+       expert kernel then selects itself (see FUSED_SELECT).
     3. _up_kernel: persistent programs over compact neurons: h = act(x W_gate^T) * (x W_up^T),
        zeroed for tokens that dropped the expert, either stored to a small H [N, d_ff] buffer
        (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
@@ -36,9 +37,10 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .reference import sparse_ffn_reference
+from .reference import METHODS, sparse_ffn_reference
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
+TOPK_METHODS = ("topk", "static")  # both keep the round(tau * E) highest logits
 
 DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token tile)
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
@@ -125,26 +127,38 @@ def _zero(ptr, n, lin, nprog, ZBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select(logits, valid, row_ok, tau):
+def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     """Kept mask of logits [BLOCK_N, E_PAD] (valid: real token and expert; row_ok: real token).
 
-    Same rule as reference.select_experts: softmax, sort descending, keep rank r iff the mass of
-    the ranks above it is < tau (or tau >= 1). The sort runs on fp32 values only; the cut is then
-    turned into a threshold value, and experts tied with it are taken lowest index first.
+    Default: reference.select_experts: softmax, sort descending, keep rank r iff the mass of the
+    ranks above it is < tau (or tau >= 1). TOPK: reference.select_top_fraction: the
+    round(tau * E) highest logits, at least one. Either way one fp32 sort gives the kept count,
+    the cut becomes a threshold value, and experts tied with it are taken lowest index first.
     Takes values, not pointers: Inductor's mutation analysis counts every pointer that reaches a
     store address through a call as written (tau, a graph input, would be cloned per call)."""
-    top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
-    ex = tl.exp(logits - top[:, None])
-    z = tl.sum(ex, axis=1)
-    p = ex / tl.where(z > 0, z, 1.0)[:, None]
-    ranked = tl.sort(tl.where(valid, p, -1.0), dim=1, descending=True)  # padding sorts last
-    mass_before = tl.cumsum(ranked, axis=1) - ranked
-    cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
-    kept_ranked = (mass_before < cut) & (ranked >= 0.0)
+    if TOPK:
+        score = tl.where(valid, logits, float("-inf"))
+        ranked = tl.sort(score, dim=1, descending=True)
+        # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
+        v = tau.to(tl.float64) * n_exp
+        whole = v.to(tl.int64)
+        frac = v - whole.to(tl.float64)
+        k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
+        k = tl.minimum(tl.maximum(k, 1), n_exp)
+        kept_ranked = (tl.arange(0, logits.shape[1])[None, :] < k) & row_ok[:, None]
+    else:
+        top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
+        ex = tl.exp(logits - top[:, None])
+        z = tl.sum(ex, axis=1)
+        score = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], -1.0)
+        ranked = tl.sort(score, dim=1, descending=True)  # padding (-1) sorts last
+        mass_before = tl.cumsum(ranked, axis=1) - ranked
+        cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
+        kept_ranked = (mass_before < cut) & (ranked >= 0.0)
     n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
-    threshold = tl.min(tl.where(kept_ranked, ranked, 2.0), axis=1)
-    above = valid & (p > threshold[:, None])
-    tie = valid & (p == threshold[:, None])
+    threshold = tl.min(tl.where(kept_ranked, ranked, float("inf")), axis=1)
+    above = valid & (score > threshold[:, None])
+    tie = valid & (score == threshold[:, None])
     ties_needed = n_kept - tl.sum(above.to(tl.int32), axis=1)
     tie_order = tl.cumsum(tie.to(tl.int32), axis=1)
     return above | (tie & (tie_order <= ties_needed[:, None]))
@@ -202,7 +216,7 @@ def _router_kernel(
 
 
 @triton.jit
-def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
                    TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr):
     # SEL_N divides TILE_M: all tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
@@ -211,7 +225,7 @@ def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
     valid = (rows[:, None] < N) & (cols[None, :] < E)
     logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=valid,
                      other=float("-inf"))
-    keep = _select(logits, valid, rows < N, tl.load(tau_ptr))
+    keep = _select(logits, valid, rows < N, tl.load(tau_ptr), E, TOPK)
     bits = _token_bits(keep, rows % TILE_M, SEL_N)
     tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
                  sem="relaxed")
@@ -230,8 +244,8 @@ def _up_kernel(
     N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
-    FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr, USE_DOT: tl.constexpr,
-    IEEE: tl.constexpr,
+    TOPK: tl.constexpr, FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
 ):
@@ -251,7 +265,7 @@ def _up_kernel(
         valid = row_ok[:, None] & (eidx[None, :] < E)
         logits = tl.load(logits_ptr + rows[:, None] * E + eidx[None, :], mask=valid,
                          other=float("-inf"))
-        keep = _select(logits, valid, row_ok, tl.load(tau_ptr))
+        keep = _select(logits, valid, row_ok, tl.load(tau_ptr), E, TOPK)
         bits = _token_bits(keep, tok, BLOCK_N)
         if p == 0:
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
@@ -531,14 +545,15 @@ def _check(p: Plan, n_tokens: int):
 
 
 def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
-                      tau, activation: str, expert_size: int, *, config: dict | None = None,
-                      return_keep: bool = False):
+                      tau, activation: str, expert_size: int, method: str = "prunepath", *,
+                      config: dict | None = None, return_keep: bool = False):
     """The sparse FFN on Triton kernels: (y [..., d_out] in x.dtype, counts float64 [2]).
 
     tau: 0-d float32 tensor on x's device (a Python float is accepted for convenience); it is
     only read by the kernels, so changing it needs no recompile and works in CUDA graphs.
-    config: overrides of `plan()` fields (benchmarks and tests); return_keep: also return the
-    kept mask [N, E] bool the kernels used (tests)."""
+    method: as in the reference; "oracle" ranks experts by their share of the dense FFN's
+    output, so it runs the reference. config: overrides of `plan()` fields (benchmarks and
+    tests); return_keep: also return the kept mask [N, E] bool the kernels used (tests)."""
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     n_tokens, d_ff, d_out = int(x2d.shape[0]), int(w_up.shape[0]), int(w_down.shape[0])
@@ -547,9 +562,11 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if n_exp * expert_size != d_ff:
         raise ValueError(f"expert_size={expert_size} does not divide d_ff={d_ff}")
-    if n_exp > MAX_EXPERTS or n_tokens == 0:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method == "oracle" or n_exp > MAX_EXPERTS or n_tokens == 0:
         y, counts = sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
-                                         router_b, tau, activation, expert_size)
+                                         router_b, tau, activation, expert_size, method)
         return (y, counts, None) if return_keep else (y, counts)
     if not isinstance(tau, torch.Tensor):
         tau = torch.full((), float(tau), dtype=torch.float32, device=x.device)
@@ -560,7 +577,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
 
     p = plan(n_tokens, d, d_out, d_ff, expert_size, _num_sms(x.device), **(config or {}))
     y, counts, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
-                              router_b, tau, ACTIVATIONS[activation], expert_size, p)
+                              router_b, tau, ACTIVATIONS[activation], method in TOPK_METHODS,
+                              expert_size, p)
     y = y.reshape(*x.shape[:-1], d_out)
     if not return_keep:
         return y, counts
@@ -569,8 +587,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     return y, counts, keep.bool()
 
 
-def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, act, s,
-            p: Plan):
+def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, act,
+            topk, s, p: Plan):
     dev, dtype = x2d.device, x2d.dtype
     n, d = x2d.shape
     d_ff, d_out = w_up.shape[0], w_down.shape[0]
@@ -623,7 +641,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     if not p.fused_select:
         wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
             logits, tau, bits, counts, n, n_exp, s,
-            TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=4,
+            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=4,
         )
 
     # 3. up (+ down when fused)
@@ -640,7 +658,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
-        FUSED_SELECT=p.fused_select, FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot, IEEE=ieee,
+        TOPK=topk, FUSED_SELECT=p.fused_select, FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
+        IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
         E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit,
