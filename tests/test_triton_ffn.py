@@ -280,8 +280,9 @@ def test_tau_changes_selection():
     assert kept[0] < kept[1]
 
 
-def test_too_many_experts_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(triton_ffn, "MAX_EXPERTS", 2)
+@pytest.mark.parametrize("limit", ["MAX_EXPERTS", "MAX_OFFSET"])
+def test_out_of_range_shapes_fall_back_to_reference(monkeypatch, limit):
+    monkeypatch.setattr(triton_ffn, limit, 2)
     ffn = make_ffn(3, 32, 64, 8, gated=True, biases=True, seed=2)
     y, counts = triton_ffn.sparse_ffn_triton(**ffn, tau=tau_tensor(0.5), activation="silu",
                                              expert_size=8)

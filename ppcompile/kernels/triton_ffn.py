@@ -45,6 +45,7 @@ TOPK_METHODS = ("topk", "static")  # both keep the round(tau * E) highest logits
 DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token tile)
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
 MAX_TILE_TOKENS = 64    # bits are int64
+MAX_OFFSET = 2 ** 31    # kernels index with int32: tokens x widths, and weights, stay below
 
 
 def wrap_triton(kernel):
@@ -564,7 +565,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
         raise ValueError(f"expert_size={expert_size} does not divide d_ff={d_ff}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    if method == "oracle" or n_exp > MAX_EXPERTS or n_tokens == 0:
+    too_big = max(n_tokens * max(d, d_ff, d_out), d_ff * max(d, d_out)) >= MAX_OFFSET
+    if method == "oracle" or n_exp > MAX_EXPERTS or too_big or n_tokens == 0:
         y, counts = sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
                                          router_b, tau, activation, expert_size, method)
         return (y, counts, None) if return_keep else (y, counts)
