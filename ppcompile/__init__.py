@@ -5,6 +5,6 @@
     ppcompile.set_tau(compiled, 0.7)
 """
 from .options import OptionError, Options
-from .report import Report, report, set_tau
+from .report import Report, report, save_plan, set_tau
 
-__all__ = ["OptionError", "Options", "Report", "report", "set_tau"]
+__all__ = ["OptionError", "Options", "Report", "report", "save_plan", "set_tau"]

@@ -14,7 +14,7 @@ from .ffn import REGISTRY
 from .graph import graph_tensors
 from .options import Options
 from .passes import Context, PASSES, run_passes
-from .passes.rewrite import EXTRA_INPUTS
+from .passes.rewrite import extra_inputs
 
 _warned_frames = set()
 
@@ -69,7 +69,7 @@ class SparseGraph:
                 raise RuntimeError(
                     f"ppcompile: FFN '{state.name}' was re-planned with expert_size="
                     f"{state.expert_size} after this graph was compiled for {size}; compile again")
-            extras += [getattr(state, name) for name in EXTRA_INPUTS]
+            extras += extra_inputs(state, self.options.method)
         return extras
 
     def _plan_unseen(self, args):

@@ -35,6 +35,7 @@ class FFNMatch:
     state: SparseFFN | None = None  # set once the FFN has a plan (attach_plans, train_routers)
     sample: dict | None = None  # calibration sample {"x": [n, d], "h": [n, d_ff]} (calibrate)
     perm: torch.Tensor | None = None  # neuron order of the weights w.r.t. the original (build_experts)
+    planned_now: bool = False  # its plan was made by this compile (train_routers)
 
     @property
     def gated(self) -> bool:
@@ -78,14 +79,19 @@ class SparseFFN:
     expert_size: int
     router_w: torch.Tensor
     router_b: torch.Tensor
-    tau: torch.Tensor  # 0-d float32, changed in place by set_tau
+    static_scores: torch.Tensor  # [E] log mean share of each expert: the "static" method's ranking
+    tau: torch.Tensor  # 0-d float32, this FFN's effective tau, changed in place by set_tau
+    tau_scale: float = 1.0  # layer budget: effective tau = 1 - (1 - tau) * tau_scale
     stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
+    signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_signature
     plan_key: tuple = ()
+    plan_file: str | None = None  # the plan file it was loaded from, if any
     options_source: object = field(default=None, repr=False)  # the options dict that set tau
 
     def __post_init__(self):
         self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
+        self._static_w = torch.zeros_like(self.router_w)
 
     @property
     def num_experts(self) -> int:
@@ -96,8 +102,14 @@ class SparseFFN:
         return None if tokens == 0 else active / (tokens * self.d_ff)
 
     def set_tau(self, tau: float):
-        self.tau.fill_(tau)
+        """Set the model-wide tau; this FFN runs at its own share of the budget."""
+        self.tau.fill_(max(1e-3, 1.0 - (1.0 - tau) * self.tau_scale))
         self.stats.zero_()
+
+    def router_inputs(self, method: str) -> tuple:
+        if method == "static":
+            return self._static_w, self.static_scores.to(self.router_b.dtype)
+        return self.router_w, self.router_b
 
 
 class Registry:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from .kernels.reference import METHODS
 
 
 class OptionError(ValueError):
@@ -25,18 +28,30 @@ class Options:
         [N, T, d] for a single layer). They are cut into windows of the traced input's shape.
         None: calibrate on the inputs of the first call, with a warning.
     expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width.
-    calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router training
+    calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router fitting
         (calibration runs on all tokens, but keeps at most this many per FFN in memory).
-    router_steps: int >= 0. Optimizer steps of router fine-tuning per FFN.
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
+    method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
+        experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
+        token (MoEfication), "static" the same round(tau * E) experts for every token (static
+        expert pruning), "oracle" applies the tau rule to each expert's true share of the FFN
+        output (computes the dense FFN: slow by design; bounds what a router can reach). For
+        "topk" and "static", tau is the fraction of experts kept. All methods share one plan.
+    plan: path or None. A plan file (see ppcompile.save_plan) to use instead of calibrating; it
+        must have been made for these weights, or it is refused.
+    cache: bool. Reuse and store plans in the cache directory ($PPCOMPILE_CACHE_DIR, default
+        ~/.cache/ppcompile/plans), keyed by a fingerprint of the weights, the plan options and
+        the calibration data, so compiling the same model again skips calibration.
     """
 
     tau: float = 0.9
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
     expert_size: int = 16
     calibration_tokens: int = 4096
-    router_steps: int = 300
     seed: int = 0
+    method: str = "prunepath"
+    plan: str | os.PathLike | None = None
+    cache: bool = True
 
     def __post_init__(self):
         check_tau(self.tau, "tau")
@@ -47,8 +62,14 @@ class Options:
             )
         _check_int(self, "expert_size", 1)
         _check_int(self, "calibration_tokens", 64)
-        _check_int(self, "router_steps", 0)
         _check_int(self, "seed", None)
+        if self.plan is not None and not isinstance(self.plan, (str, os.PathLike)):
+            raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
+        if not isinstance(self.cache, bool):
+            raise OptionError(f"option 'cache' must be a bool, got {type(self.cache).__name__} {self.cache!r}")
+        if self.method not in METHODS:
+            raise OptionError(
+                f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
 
     @classmethod
     def from_dict(cls, options: dict | Options | None) -> Options:
@@ -67,8 +88,8 @@ class Options:
         return cls(**options)
 
     def plan_key(self) -> tuple:
-        """The options that shape a plan (permutation and routers); tau is not one of them."""
-        return (self.expert_size, self.calibration_tokens, self.router_steps, self.seed)
+        """The options that shape a plan (permutation and routers); tau and method are not."""
+        return (self.expert_size, self.calibration_tokens, self.seed)
 
     def replace(self, **changes) -> Options:
         return dataclasses.replace(self, **changes)

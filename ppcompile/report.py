@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from tabulate import tabulate
 
+from . import plan as plans
 from .ffn import REGISTRY, SparseFFN
 from .options import check_tau
 
@@ -50,6 +51,19 @@ class Report:
         mean = self.active_fraction
         tail = "" if mean is None else f"\nmean active fraction: {mean:.3f}"
         return table + tail
+
+
+def save_plan(compiled, path) -> None:
+    """Save the model's plan (neuron order, routers, layer budgets) to `path` (safetensors with a
+    JSON header). `options={"plan": path}` then compiles the same weights without calibrating."""
+    states = _states(compiled)
+    if not states:
+        raise ValueError("ppcompile: this model has no plan yet: compile it and call it once first")
+    keys = {s.plan_key for s in states}
+    (expert_size, calibration_tokens, seed), = keys if len(keys) == 1 else [states[0].plan_key]
+    fingerprint = plans.graph_fingerprint([], [s.signature for s in states])
+    plans.save(path, states, fingerprint, dict(expert_size=expert_size,
+                                               calibration_tokens=calibration_tokens, seed=seed))
 
 
 def report(compiled) -> Report:

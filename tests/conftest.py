@@ -4,8 +4,9 @@ import torch._dynamo
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test starts with empty dynamo caches and a fixed seed."""
+def fresh_dynamo(tmp_path, monkeypatch):
+    """Every test starts with empty dynamo caches, an empty plan cache and a fixed seed."""
+    monkeypatch.setenv("PPCOMPILE_CACHE_DIR", str(tmp_path / "plans"))
     torch._dynamo.reset()
     torch.manual_seed(0)
     yield

@@ -17,7 +17,7 @@ CALIB = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(
 
 
 def compile_model(model, **options):
-    opts = {"tau": 1.0, "calibration": CALIB, "expert_size": 8, "router_steps": 50, **options}
+    opts = {"tau": 1.0, "calibration": CALIB, "expert_size": 8, **options}
     return torch.compile(model, backend="prunepath", options=opts)
 
 
@@ -101,7 +101,7 @@ def test_single_layers_compile_with_hidden_state_calibration():
     outs = []
     for layer in layers:
         compiled = torch.compile(layer.mlp, backend="prunepath", options={
-            "tau": 1.0, "calibration": calib, "expert_size": 8, "router_steps": 20})
+            "tau": 1.0, "calibration": calib, "expert_size": 8})
         with torch.no_grad():
             assert rel_err(compiled(hidden), layer.mlp(hidden)) < 1e-4
             ppcompile.set_tau(compiled, 0.4)
@@ -116,7 +116,7 @@ def test_graph_reused_for_another_layer_uses_that_layers_weights():
     """With the same options dict, dynamo serves layer 1 from the graph compiled for layer 0;
     layer 1 must still compute with its own weights and get its own plan."""
     model = tiny_model("llama")
-    options = {"tau": 1.0, "calibration": torch.randn(8, 16, 32), "expert_size": 8, "router_steps": 10}
+    options = {"tau": 1.0, "calibration": torch.randn(8, 16, 32), "expert_size": 8}
     mlps = [torch.compile(layer.mlp, backend="prunepath", options=options) for layer in model.model.layers]
     hidden = torch.randn(1, 16, 32)
     with torch.no_grad(), warnings.catch_warnings():
@@ -144,7 +144,7 @@ def test_model_without_ffn_compiles_dense_with_one_warning():
 
 def test_missing_calibration_warns_and_uses_first_inputs():
     model = tiny_model("gpt2")
-    compiled = torch.compile(model, backend="prunepath", options={"expert_size": 8, "router_steps": 5})
+    compiled = torch.compile(model, backend="prunepath", options={"expert_size": 8})
     with pytest.warns(UserWarning, match="no calibration data.*'calibration'"):
         run(compiled)
     assert len(ppcompile.report(compiled).rows) == 2

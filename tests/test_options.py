@@ -18,7 +18,7 @@ from tiny_models import tiny_model
     ({"expert_size": 0}, ["'expert_size'", ">= 1", "0"]),
     ({"expert_size": 8.0}, ["'expert_size'", "int", "float"]),
     ({"calibration_tokens": 10}, ["'calibration_tokens'", ">= 64"]),
-    ({"router_steps": -1}, ["'router_steps'", ">= 0"]),
+    ({"method": "top-k"}, ["'method'", "'prunepath'", "'topk'", "'static'", "'oracle'", "top-k"]),
     ({"calibration": [[1, 2, 3]]}, ["'calibration'", "torch.Tensor", "list"]),
 ])
 def test_bad_options_are_named(options, words):

@@ -68,7 +68,7 @@ def test_op_backward_matches_dense_at_tau_one():
     w = {k: (v.requires_grad_(True) if v is not None and k not in ("router_w", "router_b") else v)
          for k, v in _ffn(dtype=torch.float64).items()}
     x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
-    y, _ = torch.ops.ppcompile.sparse_ffn(x, *w.values(), torch.tensor(1.0), "gelu", 8)
+    y, _ = torch.ops.ppcompile.sparse_ffn(x, *w.values(), torch.tensor(1.0), "gelu", 8, "prunepath")
     y.square().sum().backward()
     got = [x.grad] + [w[k].grad for k in ("w_up", "w_gate", "w_down", "b_up")]
     for t in [x] + list(w.values()):

@@ -2,7 +2,7 @@
 and an autograd formula. It runs the torch reference; Inductor calls it as an opaque kernel.
 
 Inputs are the FFN's own weights in nn.Linear layout ([out, in], any strides), the router, tau as a
-0-d tensor (so changing tau never recompiles) and the expert size. It returns the FFN output and
+0-d tensor (so changing tau never recompiles), the expert size and the selection method. It returns the FFN output and
 a float64 pair (active neurons summed over tokens, tokens) that the graph adds into its statistics.
 """
 from __future__ import annotations
@@ -12,26 +12,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import select_experts, router_logits, ffn_hidden, sparse_ffn_reference
+from .reference import ffn_hidden, keep_mask, sparse_ffn_reference
 
 
 @torch.library.custom_op("ppcompile::sparse_ffn", mutates_args=())
 def sparse_ffn(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_gate: Optional[Tensor],
                b_gate: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor],
                router_w: Tensor, router_b: Tensor, tau: Tensor, activation: str,
-               expert_size: int) -> tuple[Tensor, Tensor]:
+               expert_size: int, method: str) -> tuple[Tensor, Tensor]:
     return sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
-                                router_b, tau, activation, expert_size)
+                                router_b, tau, activation, expert_size, method)
 
 
 @sparse_ffn.register_fake
 def _(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, activation,
-      expert_size):
+      expert_size, method):
     return x.new_empty(*x.shape[:-1], w_down.shape[0]), x.new_empty(2, dtype=torch.float64)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.activation, ctx.expert_size = inputs[10], inputs[11]
+    ctx.activation, ctx.expert_size, ctx.method = inputs[10], inputs[11], inputs[12]
     ctx.save_for_backward(*inputs[:10])
     ctx.mark_non_differentiable(output[1])
 
@@ -40,7 +40,10 @@ def _backward(ctx, grad_y, _grad_counts):
     # Gradients flow to x and the FFN weights through the kept experts; routing has none.
     x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau = ctx.saved_tensors
     d = x.shape[-1]
-    keep = select_experts(router_logits(x.reshape(-1, d), router_w, router_b), tau)
+    x2d = x.reshape(-1, d)
+    with torch.no_grad():
+        h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, ctx.activation)
+        keep = keep_mask(ctx.method, x2d, h, w_down, router_w, router_b, tau, ctx.expert_size)
     mask = keep.repeat_interleave(ctx.expert_size, dim=1)
     inputs = (x, w_up, b_up, w_gate, b_gate, w_down, b_down)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
@@ -54,7 +57,7 @@ def _backward(ctx, grad_y, _grad_counts):
     out = [None] * len(inputs)
     for i, g in zip(wanted, grads):
         out[i] = g
-    return (*out, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None)
 
 
 sparse_ffn.register_autograd(_backward, setup_context=_setup_context)

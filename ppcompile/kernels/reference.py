@@ -11,6 +11,13 @@ contiguous experts of s neurons, plus a router (linear, d -> E). Per token:
 where h(x) = act(x W_up^T + b_up) for plain FFNs and act(x W_gate^T + b_gate) * (x W_up^T + b_up)
 for gated ones (SwiGLU, GeGLU). Kept experts contribute exactly their dense output, so
 tau = 1.0 is the dense FFN.
+
+Research methods choose experts differently at the same cost accounting (`method`):
+    "prunepath"  the rule above (default)
+    "topk"       a fixed number of experts per token, the router's top round(tau * E)
+    "static"     the same round(tau * E) experts for every token (static expert pruning; the
+                 caller passes a zero router weight and per-expert scores as the bias)
+    "oracle"     the rule above on the experts' true output shares (computes the dense FFN)
 """
 from __future__ import annotations
 
@@ -45,17 +52,51 @@ def select_experts(logits: torch.Tensor, tau) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
+def select_top_fraction(logits: torch.Tensor, fraction) -> torch.Tensor:
+    """Bool mask [N, E] keeping each row's round(fraction * E) highest logits (at least one)."""
+    experts = logits.shape[-1]
+    k = max(1, min(experts, round(float(fraction) * experts)))
+    top = logits.float().topk(k, dim=-1).indices
+    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, top, True)
+
+
 def router_logits(x2d, router_w, router_b):
     return F.linear(x2d.float(), router_w.float(), router_b.float())
 
 
+def expert_importance(h: torch.Tensor, w_down: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, E]: norm of each expert's contribution W_down[:, e] h_e to the FFN output, per token
+    (through the experts' s x s Gram matrices, without forming the [N, E, d] outputs)."""
+    n, d_ff = h.shape
+    experts = d_ff // size
+    w = w_down.float().reshape(w_down.shape[0], experts, size)
+    gram = torch.einsum("des,det->est", w, w)
+    hs = h.float().reshape(n, experts, size)
+    return torch.einsum("nes,est,net->ne", hs, gram, hs).clamp_min(0).sqrt()
+
+
+METHODS = ("prunepath", "topk", "static", "oracle")
+
+
+def keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size):
+    if method == "oracle":
+        share = expert_importance(h, w_down, expert_size)
+        return select_experts(share.clamp_min(1e-30).log(), tau)
+    logits = router_logits(x2d, router_w, router_b)
+    if method == "prunepath":
+        return select_experts(logits, tau)
+    if method in ("topk", "static"):
+        return select_top_fraction(logits, tau)
+    raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+
+
 def sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
-                         tau, activation: str, expert_size: int):
+                         tau, activation: str, expert_size: int, method: str = "prunepath"):
     """Returns (y [..., d], counts float64 [2] = (active neurons summed over tokens, tokens))."""
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
-    keep = select_experts(router_logits(x2d, router_w, router_b), tau)
     h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, activation)
+    keep = keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size)
     h = h * keep.repeat_interleave(expert_size, dim=1).to(h.dtype)
     y = F.linear(h, w_down, b_down)
     counts = torch.stack([keep.sum().double() * expert_size,

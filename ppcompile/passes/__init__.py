@@ -12,6 +12,7 @@ from .build_experts import build_experts
 from .calibrate import calibrate
 from .find_ffns import find_ffns
 from .rewrite import rewrite
+from .save_plans import save_plans
 from .train_routers import train_routers
 
 
@@ -26,7 +27,7 @@ class Context:
     options_source: object = None  # the dict given to torch.compile, to tell compile calls apart
 
 
-PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, rewrite]
+PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, save_plans, rewrite]
 
 
 def run_passes(gm: fx.GraphModule, ctx: Context, passes=None) -> fx.GraphModule:

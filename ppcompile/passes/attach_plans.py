@@ -1,25 +1,117 @@
-"""Pass 2: reuse plans that the FFNs' weights already carry.
+"""Pass 2: give FFNs a plan without calibrating, when one exists.
 
-Matches: FFNs whose (up, down) weights have a SparseFFN state in the registry made with the same
-plan options: an earlier torch.compile of the same model, a recompile for new input shapes, or
-another graph of the same model. Guarantees: the graph is unchanged; such FFNs get `state` and
-are neither calibrated nor permuted again; an FFN whose plan was made with other plan options
-is left without state, so it is planned anew (the composed permutation stays exact)."""
+Matches, in order: (1) with options.plan, every FFN of the graph, from that file; (2) FFNs whose
+weights already carry a plan made with the same plan options (a recompile for new shapes, the
+same model compiled again, another graph of the same model); (3) with options.cache, the FFNs
+of a graph whose fingerprint has a cached plan.
+Guarantees: the graph is unchanged; matched FFNs get `state`, their weights in the plan's neuron
+order (permuted in place relative to their current order, so applying a plan twice is a no-op);
+a plan file that does not fit (an FFN missing, another shape, kind or expert size, other weights)
+is refused with an OptionError naming what differs; gm.meta["ppcompile_fingerprint"] holds the
+graph's fingerprint when the cache was consulted.
+"""
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
-from ..ffn import REGISTRY
+from .. import plan as plans
+from ..ffn import REGISTRY, SparseFFN
+from ..options import OptionError
+from .build_experts import permute_neurons_
 
 
 def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    for ffn in gm.meta["ppcompile_ffns"]:
-        state = REGISTRY.get(*ffn.key_params(ctx.values))
-        if state is None or state.plan_key != ctx.options.plan_key():
-            continue
-        if state.options_source is not ctx.options_source:
-            # a new torch.compile call sets its own tau; a recompile keeps what set_tau chose
-            state.set_tau(ctx.options.tau)
-            state.options_source = ctx.options_source
-        ffn.state = state
+    ffns = gm.meta["ppcompile_ffns"]
+    opts = ctx.options
+    if opts.plan is not None:
+        path = str(opts.plan)
+        todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=path)]
+        if todo:
+            apply_plan(todo, *plans.load(path), ctx, path, strict=True)
+        return gm
+    todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=None)]
+    if todo and opts.cache:
+        fingerprint = graph_fingerprint(gm, ctx)
+        gm.meta["ppcompile_fingerprint"] = fingerprint
+        path = plans.cached_plan(fingerprint, opts.plan_key(), plans.data_hash(opts.calibration))
+        if path is not None:
+            apply_plan(todo, *plans.load(path), ctx, str(path), strict=False)
     return gm
+
+
+def _attach_known(ffn, ctx, plan_file) -> bool:
+    state = REGISTRY.get(*ffn.key_params(ctx.values))
+    if state is None:
+        return False
+    if plan_file is not None and state.plan_file != plan_file:
+        return False
+    if plan_file is None and state.plan_key != ctx.options.plan_key():
+        return False
+    _adopt(ffn, state, ctx)
+    return True
+
+
+def _adopt(ffn, state, ctx):
+    if state.options_source is not ctx.options_source:
+        # a new torch.compile call sets its own tau; a recompile keeps what set_tau chose
+        state.set_tau(ctx.options.tau)
+        state.options_source = ctx.options_source
+    ffn.state = state
+
+
+def graph_fingerprint(gm, ctx) -> str:
+    ffn_params = set()
+    signatures = []
+    for ffn in gm.meta["ppcompile_ffns"]:
+        weights = ffn.weights(ctx.values)
+        signatures.append(plans.neuron_signature(weights))
+        for node in (ffn.up.weight, ffn.up.bias, ffn.down.weight, ffn.down.bias,
+                     *((ffn.gate.weight, ffn.gate.bias) if ffn.gate else ())):
+            if node is not None:
+                ffn_params.add(node)
+    others = [v for n, v in ctx.values.items() if n.op in ("placeholder", "get_attr")
+              and n not in ffn_params and isinstance(v, torch.nn.Parameter)]
+    return plans.graph_fingerprint(others, signatures)
+
+
+def apply_plan(ffns, header, tensors, ctx, path, strict):
+    """Give each FFN the plan's entry of the same name, after checking that it fits."""
+    entries = {e["name"]: (i, e) for i, e in enumerate(header["ffns"])}
+    for ffn in ffns:
+        if ffn.name not in entries:
+            if not strict:
+                continue
+            raise OptionError(
+                f"option 'plan': {path!r} has no FFN named '{ffn.name}' (it has "
+                f"{', '.join(sorted(entries)) or 'none'}); it was made for another model")
+        i, entry = entries[ffn.name]
+        want = dict(kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model, d_ff=ffn.d_ff)
+        got = {k: entry[k] for k in want}
+        if got != want:
+            raise OptionError(f"option 'plan': FFN '{ffn.name}' in {path!r} is {got}, "
+                              f"but the model's is {want}")
+        weights = ffn.weights(ctx.values)
+        signature = plans.neuron_signature(weights)
+        if not plans.same_signature(signature, tensors[f"{i}.signature"]):
+            raise OptionError(
+                f"option 'plan': {path!r} was made for other weights: FFN '{ffn.name}' does not "
+                f"match the plan's fingerprint (a plan fits only the weights it was made for)")
+        perm = tensors[f"{i}.perm"]
+        current = REGISTRY.get(*ffn.key_params(ctx.values))
+        relative = perm if current is None else torch.argsort(current.perm)[perm]
+        permute_neurons_(weights, relative)
+        on_device = dict(device=weights["w_up"].device, dtype=weights["w_up"].dtype)
+        opts = header["options"]
+        state = SparseFFN(
+            name=ffn.name, kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model,
+            d_ff=ffn.d_ff, expert_size=entry["expert_size"],
+            router_w=tensors[f"{i}.router_w"].to(**on_device),
+            router_b=tensors[f"{i}.router_b"].to(**on_device),
+            static_scores=tensors[f"{i}.static_scores"].to(device=on_device["device"]),
+            tau=torch.tensor(1.0, dtype=torch.float32, device=on_device["device"]),
+            tau_scale=entry["tau_scale"], perm=perm, signature=signature,
+            plan_key=(opts["expert_size"], opts["calibration_tokens"], opts["seed"]),
+            plan_file=path)
+        REGISTRY.put(*ffn.key_params(ctx.values), state)
+        _adopt(ffn, state, ctx)

@@ -38,13 +38,14 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                 last = extra[name] = graph.placeholder(f"ppcompile_{len(layout)}_{name}")
             last._dynamo_source = None
             last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-            last.meta["example_value"] = getattr(ffn.state, name)
+            last.meta["example_value"] = extra_inputs(ffn.state, ctx.options.method)[
+                EXTRA_INPUTS.index(name)]
         with graph.inserting_before(ffn.down.node):
             w = _weight_nodes(graph, ffn)
             result = graph.call_function(torch.ops.ppcompile.sparse_ffn.default, (
                 ffn.x, w["w_up"], w["b_up"], w["w_gate"], w["b_gate"], w["w_down"], w["b_down"],
                 extra["router_w"], extra["router_b"], extra["tau"], ffn.state.activation,
-                ffn.state.expert_size))
+                ffn.state.expert_size, ctx.options.method))
             out = graph.call_function(operator.getitem, (result, 0))
             counts = graph.call_function(operator.getitem, (result, 1))
             graph.call_method("add_", (extra["stats"], counts))
@@ -56,6 +57,11 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def extra_inputs(state, method) -> list:
+    """The values of one FFN's extra graph inputs, in EXTRA_INPUTS order."""
+    return [*state.router_inputs(method), state.tau, state.stats]
 
 
 def _weight_nodes(graph, ffn) -> dict:

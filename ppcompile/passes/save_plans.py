@@ -1,0 +1,34 @@
+"""Pass 7: store what this compile planned in the plan cache.
+
+Matches: graphs in which at least one FFN was planned by this compile (options.cache on).
+Guarantees: the graph is unchanged; the plan of every FFN of the graph is written to the cache
+under the graph's fingerprint, the plan options and the calibration data's hash, so the same
+compile later (or a bare options={"tau": ...} compile of the same weights) skips calibration.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .. import plan as plans
+
+
+def save_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    ffns = gm.meta["ppcompile_ffns"]
+    if not ctx.options.cache or not any(f.planned_now for f in ffns):
+        return gm
+    fingerprint = gm.meta.get("ppcompile_fingerprint")
+    if fingerprint is None:
+        from .attach_plans import graph_fingerprint
+        fingerprint = graph_fingerprint(gm, ctx)
+    opts = ctx.options
+    calibration = plans.data_hash(opts.calibration)
+    path = plans.cache_path(fingerprint, opts.plan_key(), calibration or "inputs")
+    plans.save(path, [f.state for f in ffns if f.state is not None], fingerprint,
+               plan_options(opts), calibration={"sha": calibration})
+    gm.meta["ppcompile_plan_path"] = str(path)
+    return gm
+
+
+def plan_options(opts) -> dict:
+    return dict(expert_size=opts.expert_size, calibration_tokens=opts.calibration_tokens,
+                seed=opts.seed)

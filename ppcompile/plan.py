@@ -1,0 +1,126 @@
+"""Plans: what calibration produced (neuron order, routers, layer budgets, the options that made
+them), saved to one safetensors file with a JSON header, and tied to the weights they were made
+for.
+
+Tying a plan to weights must survive our own in-place permutation, so each FFN is identified by
+its per-neuron weight sums, sorted (a "signature", invariant under neuron order). Loading a plan
+compares signatures with a tolerance (sums differ in the last bits between devices); the cache
+is keyed by an exact hash of all weights of the compiled graph.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .options import OptionError
+
+FORMAT = "ppcompile-plan/1"
+
+
+def neuron_signature(weights: dict) -> torch.Tensor:
+    """[d_ff, k] float64: per neuron, the sums of its up/gate rows, down column and biases, each
+    column sorted, so the same FFN in any neuron order gives the same matrix."""
+    cols = [weights["w_up"].sum(1)]
+    if weights["w_gate"] is not None:
+        cols.append(weights["w_gate"].sum(1))
+    cols.append(weights["w_down"].sum(0))
+    for key in ("b_up", "b_gate"):
+        if weights[key] is not None:
+            cols.append(weights[key])
+    return torch.stack([c.detach().double().cpu().sort().values for c in cols], 1)
+
+
+def same_signature(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Signatures of the same weights up to rounding (another device, dtype or summation order):
+    every sorted column within 5% of its RMS. Different weights miss this by far."""
+    if a.shape != b.shape:
+        return False
+    rms = b.square().mean(0).sqrt().clamp_min(1e-12)
+    return bool(((a - b).abs() <= 0.05 * rms).all())
+
+
+def graph_fingerprint(tensors, signatures) -> str:
+    """Exact hash of a compiled graph's weights: FFN signatures plus the other parameters'
+    shapes and a sample of their values (enough to tell models apart, cheap for large ones)."""
+    h = hashlib.sha256()
+    for sig in signatures:
+        h.update(sig.float().numpy().tobytes())
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def save(path, states, fingerprint: str, options: dict, calibration: dict | None = None):
+    """Write a plan. `states` are SparseFFN objects carrying `signature`."""
+    tensors, ffns = {}, []
+    for i, s in enumerate(states):
+        tensors.update({f"{i}.perm": s.perm.cpu().contiguous(),
+                        f"{i}.router_w": s.router_w.detach().float().cpu().contiguous(),
+                        f"{i}.router_b": s.router_b.detach().float().cpu().contiguous(),
+                        f"{i}.static_scores": s.static_scores.float().cpu().contiguous(),
+                        f"{i}.signature": s.signature.contiguous()})
+        ffns.append(dict(name=s.name, kind=s.kind, activation=s.activation, d_model=s.d_model,
+                         d_ff=s.d_ff, expert_size=s.expert_size, tau_scale=s.tau_scale))
+    header = dict(format=FORMAT, fingerprint=fingerprint, options=options, ffns=ffns,
+                  calibration=calibration or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"ppcompile": json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def load(path) -> tuple[dict, dict]:
+    """(header, tensors) of a plan file; refuses files that are not ppcompile plans."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionError(f"option 'plan': no plan file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise OptionError(f"option 'plan': {str(path)!r} is not a readable plan file ({err})") from err
+    header = json.loads(meta.get("ppcompile", "{}"))
+    if header.get("format") != FORMAT:
+        raise OptionError(f"option 'plan': {str(path)!r} is not a {FORMAT} file")
+    return header, tensors
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PPCOMPILE_CACHE_DIR",
+                               Path.home() / ".cache" / "ppcompile" / "plans"))
+
+
+def cache_path(fingerprint: str, plan_key: tuple, calibration_hash: str) -> Path:
+    key = "-".join(map(str, plan_key))
+    return cache_dir() / fingerprint / f"{key}-{calibration_hash}.safetensors"
+
+
+def cached_plan(fingerprint: str, plan_key: tuple, calibration_hash: str | None) -> Path | None:
+    """The cached plan for this graph and plan options: made from this calibration data, or,
+    when none is given, the newest one made from any."""
+    if calibration_hash is not None:
+        path = cache_path(fingerprint, plan_key, calibration_hash)
+        return path if path.is_file() else None
+    folder = cache_dir() / fingerprint
+    key = "-".join(map(str, plan_key))
+    found = sorted(folder.glob(f"{key}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def data_hash(data: torch.Tensor | None) -> str | None:
+    if data is None:
+        return None
+    t = data.detach().contiguous().cpu().reshape(-1)
+    return hashlib.sha256(str((tuple(data.shape), str(t.dtype))).encode()
+                          + t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
