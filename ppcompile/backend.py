@@ -1,5 +1,5 @@
 """The `prunepath` torch.compile backend: find FFNs, calibrate, build experts, train routers,
-rewrite to sparse-FFN nodes, compile with Inductor.
+rewrite to sparse-FFN nodes, lower them to Triton on the GPU, compile with Inductor.
 
     compiled = torch.compile(model, backend="prunepath", options={"tau": 0.9, "calibration": ids})
 """
@@ -14,6 +14,7 @@ from .ffn import REGISTRY
 from .graph import graph_tensors
 from .options import Options
 from .passes import Context, PASSES, run_passes
+from .passes.lower_to_triton import relayout_
 from .passes.rewrite import extra_inputs
 
 _warned_frames = set()
@@ -28,16 +29,26 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     layout = gm.meta.get("ppcompile_inputs", [])
     if not layout:
         _warn_dense(gm)
-        return inner_compile(dense, list(example_inputs))
+        return inner_compile(dense, list(example_inputs), opts.cudagraphs)
     sparse = SparseGraph(layout, dense, opts, options)
-    sparse.compiled = inner_compile(gm, list(example_inputs) + sparse.extra_inputs(example_inputs))
+    relayout = gm.meta.get("ppcompile_relayout")
+    if relayout:
+        # Dynamo guards on parameter strides, and checks the guards of a frame right after
+        # compiling it: the weights cannot change layout now. This graph runs eagerly and
+        # re-lays out the weights it is called with; the next call recompiles for the new layout.
+        sparse.compiled, sparse.relayout = gm, relayout
+        return sparse
+    example = list(example_inputs) + sparse.extra_inputs(example_inputs)
+    sparse.compiled = inner_compile(gm, example, opts.cudagraphs)
     return sparse
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs):
+def inner_compile(gm: fx.GraphModule, example_inputs, cudagraphs=False):
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    return compile_fx(gm, example_inputs,
+                      config_patches={"triton.cudagraphs": bool(cudagraphs and on_gpu)})
 
 
 class SparseGraph:
@@ -48,7 +59,7 @@ class SparseGraph:
     def __init__(self, layout, dense_gm, options, options_source):
         self.layout, self.dense_gm = layout, dense_gm
         self.options, self.options_source = options, options_source
-        self.compiled = None
+        self.compiled, self.relayout = None, []
         self._key, self._extras = None, None
 
     def __call__(self, *args):
@@ -56,7 +67,10 @@ class SparseGraph:
         if key != self._key or any(e is None for e in self._extras):
             self._extras = self.extra_inputs(args)
             self._key = key
-        return self.compiled(*args, *self._extras)
+        out = self.compiled(*args, *self._extras)
+        for position, column_major in self.relayout:
+            relayout_(args[position], column_major)
+        return out
 
     def extra_inputs(self, args) -> list:
         states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
@@ -79,7 +93,7 @@ class SparseGraph:
             "calibration option or else this call's inputs", stacklevel=3)
         gm = _copy(self.dense_gm)
         ctx = Context(list(args), graph_tensors(gm, args), self.options, self.options_source)
-        passes = [p for p in PASSES if p.__name__ != "rewrite"]
+        passes = [p for p in PASSES if p.__name__ not in ("rewrite", "lower_to_triton")]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_passes(gm, ctx, passes)

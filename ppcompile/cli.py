@@ -1,6 +1,7 @@
 """The `ppcompile` command line (also `python -m ppcompile`).
 
     ppcompile demo                      # SmolLM2-135M: perplexity vs active fraction, several taus
+    ppcompile bench --model PATH        # GPU: generate() tokens/s, dense vs sparse (bench.py)
 
 Each subcommand is one `add_<name>(subparsers)` function that registers its parser and sets
 `run` to the function doing the work; add it to COMMANDS to make it available.
@@ -151,7 +152,64 @@ def run_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------ helpers
 
-COMMANDS = [add_demo]
+# --------------------------------------------------------------------------------------- bench
+
+def add_bench(subparsers):
+    from .bench import LLAMA_SHAPES
+
+    p = subparsers.add_parser(
+        "bench", help="GPU: generate() tokens/s and peak memory, dense vs sparse",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Decode with generate() and a static KV cache on the GPU: dense torch.compile "
+        "(Inductor, CUDA graphs) against backend='prunepath' at each active fraction (tau is "
+        "bisected to hit it), with the ideal speed-up from the FFNs' share of the bytes read.")
+    p.add_argument("--model", required=True, metavar="NAME|PATH",
+                   help=f"a local Hugging Face folder of a causal LM, or one of "
+                   f"{', '.join(LLAMA_SHAPES)} (that shape with random weights)")
+    p.add_argument("--batches", type=_positive, nargs="+", default=[1, 8], metavar="B")
+    p.add_argument("--fractions", type=_tau, nargs="+", default=[1.0, 0.5, 0.25], metavar="A",
+                   help="active fractions of FFN neurons to measure, in (0, 1]")
+    p.add_argument("--prompt-len", type=_positive, default=128, metavar="T")
+    p.add_argument("--new-tokens", type=_positive, default=256, metavar="N")
+    p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH",
+                   help="calibration text for a real model (random tokens for random weights)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="JSON records")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    import json
+
+    import torch
+
+    from . import bench, evaluate, models
+
+    if not torch.cuda.is_available():
+        sys.exit("ppcompile bench: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    bench.configure_dynamo()
+    calibration = None
+    if args.model in bench.LLAMA_SHAPES:
+        model = bench.random_llama(args.model)
+    else:
+        try:
+            model, tokenizer = models.load(args.model, dtype=torch.bfloat16)
+        except (ValueError, ImportError) as e:
+            sys.exit(str(e))
+        model = model.cuda().eval()
+        text = args.calib_text.read_text(encoding="utf-8")
+        calibration = evaluate.token_windows(tokenizer, text, args.prompt_len, 64,
+                                             bos=evaluate.bos_for(model, tokenizer)).cuda()
+    records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
+                        args.prompt_len, args.new_tokens, calibration=calibration,
+                        log=lambda m: print(m, flush=True))
+    print(bench.table(records))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+COMMANDS = [add_demo, add_bench]
 
 
 @contextmanager

@@ -80,8 +80,7 @@ class SparseFFN:
     router_w: torch.Tensor
     router_b: torch.Tensor
     static_scores: torch.Tensor  # [E] log mean share of each expert: the "static" method's ranking
-    tau: torch.Tensor  # 0-d float32, this FFN's effective tau, changed in place by set_tau
-    tau_scale: float = 1.0  # layer budget: effective tau = 1 - (1 - tau) * tau_scale
+    tau: torch.Tensor  # 0-d float32, changed in place by set_tau
     stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
     signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_signature
@@ -102,8 +101,7 @@ class SparseFFN:
         return None if tokens == 0 else active / (tokens * self.d_ff)
 
     def set_tau(self, tau: float):
-        """Set the model-wide tau; this FFN runs at its own share of the budget."""
-        self.tau.fill_(max(1e-3, 1.0 - (1.0 - tau) * self.tau_scale))
+        self.tau.fill_(tau)
         self.stats.zero_()
 
     def router_inputs(self, method: str) -> tuple:
@@ -130,13 +128,18 @@ class Registry:
 
     def states_of(self, params) -> list[SparseFFN]:
         """States whose weights are among `params`, in the order of `params`."""
-        ids = [id(p) for p in params]
+        return [state for _, _, state in self.entries_of(params)]
+
+    def entries_of(self, params) -> list[tuple]:
+        """(up weight, down weight, state) for the states whose weights are among `params`."""
+        params = list(params)
+        by_id = {id(p): p for p in params}
         by_up = {}
         for (up, down), state in self._states.items():
             by_up.setdefault(up, []).append((down, state))
-        known, out = set(ids), []
-        for i in ids:
-            out += [s for down, s in by_up.get(i, []) if down in known]
+        out = []
+        for p in params:
+            out += [(p, by_id[down], s) for down, s in by_up.get(id(p), []) if down in by_id]
         return out
 
 

@@ -42,6 +42,9 @@ class Options:
     cache: bool. Reuse and store plans in the cache directory ($PPCOMPILE_CACHE_DIR, default
         ~/.cache/ppcompile/plans), keyed by a fingerprint of the weights, the plan options and
         the calibration data, so compiling the same model again skips calibration.
+    cudagraphs: bool. On the GPU, replay the compiled graphs as CUDA graphs (Inductor's
+        cudagraph trees, as mode="reduce-overhead" does): decoding is launch-bound without them.
+        Inputs then need static addresses between calls (HF's static KV cache has them).
     """
 
     tau: float = 0.9
@@ -52,6 +55,7 @@ class Options:
     method: str = "prunepath"
     plan: str | os.PathLike | None = None
     cache: bool = True
+    cudagraphs: bool = True
 
     def __post_init__(self):
         check_tau(self.tau, "tau")
@@ -65,8 +69,10 @@ class Options:
         _check_int(self, "seed", None)
         if self.plan is not None and not isinstance(self.plan, (str, os.PathLike)):
             raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
-        if not isinstance(self.cache, bool):
-            raise OptionError(f"option 'cache' must be a bool, got {type(self.cache).__name__} {self.cache!r}")
+        for name in ("cache", "cudagraphs"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise OptionError(f"option '{name}' must be a bool, got {type(value).__name__} {value!r}")
         if self.method not in METHODS:
             raise OptionError(
                 f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")

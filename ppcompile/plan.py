@@ -69,7 +69,7 @@ def save(path, states, fingerprint: str, options: dict, calibration: dict | None
                         f"{i}.static_scores": s.static_scores.float().cpu().contiguous(),
                         f"{i}.signature": s.signature.contiguous()})
         ffns.append(dict(name=s.name, kind=s.kind, activation=s.activation, d_model=s.d_model,
-                         d_ff=s.d_ff, expert_size=s.expert_size, tau_scale=s.tau_scale))
+                         d_ff=s.d_ff, expert_size=s.expert_size))
     header = dict(format=FORMAT, fingerprint=fingerprint, options=options, ffns=ffns,
                   calibration=calibration or {})
     path = Path(path)

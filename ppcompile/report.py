@@ -54,7 +54,7 @@ class Report:
 
 
 def save_plan(compiled, path) -> None:
-    """Save the model's plan (neuron order, routers, layer budgets) to `path` (safetensors with a
+    """Save the model's plan (neuron order, routers) to `path` (safetensors with a
     JSON header). `options={"plan": path}` then compiles the same weights without calibrating."""
     states = _states(compiled)
     if not states:

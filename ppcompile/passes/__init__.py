@@ -11,6 +11,7 @@ from .attach_plans import attach_plans
 from .build_experts import build_experts
 from .calibrate import calibrate
 from .find_ffns import find_ffns
+from .lower_to_triton import lower_to_triton
 from .rewrite import rewrite
 from .save_plans import save_plans
 from .train_routers import train_routers
@@ -27,7 +28,8 @@ class Context:
     options_source: object = None  # the dict given to torch.compile, to tell compile calls apart
 
 
-PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, save_plans, rewrite]
+PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, save_plans, rewrite,
+          lower_to_triton]
 
 
 def run_passes(gm: fx.GraphModule, ctx: Context, passes=None) -> fx.GraphModule:

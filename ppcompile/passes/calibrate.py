@@ -2,7 +2,8 @@
 
 Matches: FFNs without a plan. The graph runs eagerly on windows of `options.calibration` cut to
 the traced input's shape (every other input keeps its example value), one batch at a time.
-Guarantees: the graph is unchanged; each such FFN gets `sample = {"x": [n, d], "h": [n, d_ff]}`
+Guarantees: the graph is unchanged, and so is every input it mutates (a static KV cache and its
+counters are restored after each batch); each such FFN gets `sample = {"x": [n, d], "h": [n, d_ff]}`
 (its inputs and intermediate activations, float32, on the weights' device) for n tokens drawn
 uniformly at random over all calibration tokens, n <= options.calibration_tokens, so memory stays
 bounded however much text is given. Deterministic for a given seed.
@@ -28,12 +29,16 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     batches = calibration_batches(gm, ctx)
     sampler = _Sampler(todo, len(batches), ctx.options)
     observed = _observed_copy(gm, todo, sampler)
+    state = [(t, t.clone()) for t in ctx.example_inputs
+             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
     start = time.perf_counter()
     with torch.no_grad():
         for inputs in tqdm(batches, desc="ppcompile: calibrating", unit="batch", leave=False,
                            disable=len(batches) < 2):
             observed(*inputs)
             sampler.next_batch()
+            for tensor, saved in state:  # the graph may write its inputs (a KV cache): undo
+                tensor.copy_(saved)
     for ffn in todo:
         ffn.sample = sampler.result(ffn)
     print(f"ppcompile: calibrated {len(todo)} FFNs on {sampler.total_rows} tokens "

@@ -1,0 +1,219 @@
+"""End-to-end decoding benchmark: Hugging Face generate() with a static KV cache, dense
+torch.compile (Inductor, CUDA graphs) against backend="prunepath" at several active fractions.
+
+Used by benchmarks/decode.py (Llama shapes with random weights) and `ppcompile bench` (any causal
+LM). The supported way to decode under the backend, as done here:
+
+    model.forward = torch.compile(model.forward, backend="prunepath", options={...})
+    model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=L),
+                   disable_compile=True)   # HF would otherwise wrap forward in its own compile
+
+Measures, per batch size: decode tokens/s (new tokens after the first, over the time they take:
+a generate() of N new tokens minus one of 1 new token), peak GPU memory of a generate(), the
+active fraction measured during it, and the ideal speed-up 1 / (1 - f (1 - a)), f being the FFNs'
+share of the weight bytes read per decoded token. At batch > 1, `a` is the measured union of the
+experts the batch's tokens keep (the weights the step must read).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import ppcompile
+from .ffn import REGISTRY
+from .kernels.reference import keep_mask
+
+LLAMA_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                      tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      tie_word_embeddings=False),
+}
+
+
+def random_llama(name: str, dtype=torch.bfloat16, device="cuda"):
+    """A LlamaForCausalLM of a real model's shape with random weights (HF's initialisation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=128000, eos_token_id=128001, **LLAMA_SHAPES[name])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class Decoder:
+    """Times generate() on one model with one compiled forward."""
+
+    def __init__(self, model, prompt_len: int, new_tokens: int):
+        self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
+        model.generation_config.pad_token_id = 0
+        model.generation_config.eos_token_id = None  # random weights: never stop early
+
+    def generate(self, prompt, new_tokens):
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=self.prompt_len + self.new_tokens)
+        with torch.no_grad():
+            return self.model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=False,
+                                       disable_compile=True)
+
+    def timed(self, prompt, new_tokens) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.generate(prompt, new_tokens)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def measure(self, prompt, repeats: int = 3) -> dict:
+        """Decode tokens/s (median over repeats) and peak memory of one full generate()."""
+        self.generate(prompt, self.new_tokens)  # warm: compiles, CUDA graph recording
+        self.generate(prompt, self.new_tokens)
+        torch.cuda.reset_peak_memory_stats()
+        full = [self.timed(prompt, self.new_tokens) for _ in range(repeats)]
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        first = [self.timed(prompt, 1) for _ in range(repeats)]
+        decode_s = sorted(full)[repeats // 2] - sorted(first)[repeats // 2]
+        batch = prompt.shape[0]
+        return dict(tokens_per_s=batch * (self.new_tokens - 1) / decode_s, peak_mem_gb=peak,
+                    generate_s=sorted(full)[repeats // 2])
+
+
+def ffn_byte_share(model) -> float:
+    """f: the FFN weights' share of the weight bytes one decode step reads (every parameter,
+    except an input embedding table that is not also the output head: it is only gathered)."""
+    params = {id(p): p for p in model.parameters()}
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embed:
+        params.pop(id(embed), None)
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    ffn = 0
+    for up, down, state in REGISTRY.entries_of(model.parameters()):
+        width = 3 if state.kind in ("swiglu", "geglu", "reglu") else 2
+        ffn += width * state.d_model * state.d_ff * down.element_size()
+    return ffn / total
+
+
+def union_fraction(model, batch: int, vocab: int, positions: int = 16) -> float:
+    """Measured share of experts that at least one of `batch` tokens keeps, at the current tau:
+    the FFN inputs of a forward pass over random tokens, routed by each FFN's router."""
+    entries = REGISTRY.entries_of(model.parameters())
+    modules = {id(m.weight): m for m in model.modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    inputs, hooks = {}, []
+    for up, _, state in entries:
+        module = modules[id(up)]
+        hooks.append(module.register_forward_hook(
+            lambda mod, args, out, state=state: inputs.__setitem__(state.name, args[0])))
+    ids = torch.randint(0, vocab, (batch, positions), device=entries[0][0].device,
+                        generator=torch.Generator(entries[0][0].device).manual_seed(1))
+    forward = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
+    try:
+        with torch.no_grad():
+            forward(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    kept, total = 0.0, 0
+    for up, down, state in entries:
+        x = inputs[state.name].reshape(-1, state.d_model)
+        keep = keep_mask("prunepath", x, None, down, state.router_w, state.router_b, state.tau,
+                         state.expert_size).reshape(batch, positions, -1)
+        kept += keep.any(dim=0).float().mean().item() * state.d_ff
+        total += state.d_ff
+    return kept / total
+
+
+def tau_for_fraction(decoder, prompt, target: float, steps: int = 8) -> tuple[float, float]:
+    """Bisect tau so that decoding keeps `target` of the FFN neurons; (tau, measured fraction)."""
+    if target >= 1.0:
+        return 1.0, 1.0
+    lo, hi, best = 0.0, 1.0, (1.0, 1.0)
+    for _ in range(steps):
+        tau = (lo + hi) / 2
+        ppcompile.set_tau(decoder.model, tau)
+        decoder.generate(prompt, 16)
+        fraction = ppcompile.report(decoder.model).active_fraction
+        if abs(fraction - target) < abs(best[1] - target):
+            best = (tau, fraction)
+        lo, hi = (tau, hi) if fraction < target else (lo, tau)
+    return best
+
+
+def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, calibration=None,
+        expert_size=16, log=print) -> list[dict]:
+    """Dense then prunepath records for `model` (on CUDA), one per (batch, fraction)."""
+    gpu = torch.cuda.get_device_name()
+    vocab = model.config.vocab_size
+    gen = torch.Generator("cuda").manual_seed(0)
+    prompts = {b: torch.randint(0, vocab, (b, prompt_len), device="cuda", generator=gen)
+               for b in batches}
+    forward = model.forward
+    decoder = Decoder(model, prompt_len, new_tokens)
+
+    dense = {}
+    model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    for b in batches:
+        dense[b] = decoder.measure(prompts[b])
+        log(f"{name} batch {b} dense: {dense[b]['tokens_per_s']:.1f} tokens/s, "
+            f"peak {dense[b]['peak_mem_gb']:.2f} GB")
+    torch._dynamo.reset()
+
+    if calibration is None:
+        calibration = torch.randint(0, vocab, (64, prompt_len), device="cuda", generator=gen)
+    start = time.perf_counter()
+    model.forward = torch.compile(forward, backend="prunepath", options=dict(
+        tau=1.0, calibration=calibration, expert_size=expert_size, calibration_tokens=2048))
+    decoder.generate(prompts[batches[0]], 2)
+    log(f"{name}: prunepath plan and first compile {time.perf_counter() - start:.0f} s")
+    share = ffn_byte_share(model)
+    router_gb = sum(s.router_w.numel() * s.router_w.element_size()
+                    for s in REGISTRY.states_of(model.parameters())) / 1e9
+    records = []
+    for target in fractions:
+        tau, _ = tau_for_fraction(decoder, prompts[batches[0]], target)
+        for b in batches:
+            ppcompile.set_tau(model, tau)
+            result = decoder.measure(prompts[b])
+            active = ppcompile.report(model).active_fraction
+            union = active if b == 1 else union_fraction(model, b, vocab)
+            ideal = 1.0 / (1.0 - share * (1.0 - union))
+            speedup = result["tokens_per_s"] / dense[b]["tokens_per_s"]
+            records.append(dict(
+                model=name, batch=b, active_fraction=round(active, 4), tau=round(tau, 5),
+                union_fraction=round(union, 4), tokens_per_s=round(result["tokens_per_s"], 2),
+                dense_tokens_per_s=round(dense[b]["tokens_per_s"], 2),
+                speedup=round(speedup, 4), ideal_speedup=round(ideal, 4),
+                share_of_ideal=round(speedup / ideal, 4), ffn_byte_share=round(share, 4),
+                peak_mem_gb=round(result["peak_mem_gb"], 3),
+                dense_peak_mem_gb=round(dense[b]["peak_mem_gb"], 3),
+                router_gb=round(router_gb, 3), gpu=gpu))
+            log(f"{name} batch {b} a={active:.3f} (union {union:.3f}, tau {tau:.4f}): "
+                f"{result['tokens_per_s']:.1f} tokens/s = {speedup:.2f}x dense, ideal "
+                f"{ideal:.2f}x, peak {result['peak_mem_gb']:.2f} GB")
+    model.forward = forward
+    return records
+
+
+def configure_dynamo():
+    """Static shapes per prompt length and batch (the GPU kernels pick their launch plan from
+    the token count), and room for the prefill and decode graphs of several batch sizes."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+
+
+def table(records) -> str:
+    from tabulate import tabulate
+
+    keys = ["model", "batch", "active_fraction", "union_fraction", "tokens_per_s",
+            "dense_tokens_per_s", "speedup", "ideal_speedup", "share_of_ideal", "peak_mem_gb",
+            "dense_peak_mem_gb"]
+    return tabulate([[r[k] for k in keys] for r in records], headers=keys, floatfmt=".3f")

@@ -1,0 +1,96 @@
+"""The backend on the GPU: sparse-FFN nodes lowered to the Triton kernels through Inductor, weights
+re-laid out for the kernels, CUDA graphs, generate() with a static KV cache. Skipped without CUDA
+(run on the GPU machine: benchmarks/gpu_session.sh); the CPU side of the same paths is in
+test_backend.py and test_generate.py."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import ppcompile
+from conftest import logits_of, rel_err
+from ppcompile.passes.lower_to_triton import is_column_major
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CALIB = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def gpu_model(family="llama", dtype=torch.float32, **overrides):
+    config = dict(hidden_size=64, intermediate_size=256, max_position_embeddings=128, **overrides)
+    if family == "gpt2":
+        config = dict(n_embd=64, n_positions=128, **overrides)
+    return tiny_model(family, **config).to("cuda", dtype)
+
+
+def run(model, ids):
+    with torch.no_grad():
+        return logits_of(model(ids.cuda()))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_lowered_to_triton_and_dense_at_tau_one(family):
+    model = gpu_model(family)
+    eager = run(model, IDS)
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"tau": 1.0, "calibration": CALIB, "expert_size": 16})
+    first = run(compiled, IDS)  # runs eagerly, then re-lays out the weights
+    assert rel_err(first, eager) < 1e-4
+    downs = [m.down_proj.weight for m in model.modules() if hasattr(m, "down_proj")]
+    assert all(is_column_major(w) for w in downs), "w_down must be column-major after a call"
+    from torch._inductor.utils import run_and_get_code
+
+    out, code = run_and_get_code(lambda: run(compiled, IDS))
+    assert rel_err(out, eager) < 1e-4
+    source = "\n".join(code)
+    assert "_up_kernel" in source and "_router_kernel" in source, "kernels not in Inductor's code"
+    assert "sparse_ffn_triton" not in source or "triton_op" in source
+    ppcompile.set_tau(compiled, 0.5)
+    sparse = run(compiled, IDS)
+    assert rel_err(sparse, eager) > 1e-3
+    assert all(0 < r["active_fraction"] < 1 for r in ppcompile.report(compiled).rows)
+
+
+def test_bf16_and_cuda_graphs_follow_tau_without_recompiling():
+    model = gpu_model(dtype=torch.bfloat16)
+    eager = run(model, IDS).float()
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"tau": 1.0, "calibration": CALIB, "expert_size": 16})
+    for _ in range(3):
+        dense = run(compiled, IDS).float()
+    assert rel_err(dense, eager) < 2e-2
+    graphs = counters["stats"]["unique_graphs"]
+    fractions = []
+    for tau in (0.9, 0.5, 0.3):
+        ppcompile.set_tau(compiled, tau)
+        for _ in range(2):
+            run(compiled, IDS)
+        fractions.append(ppcompile.report(compiled).active_fraction)
+    assert counters["stats"]["unique_graphs"] == graphs, "set_tau recompiled"
+    assert fractions[0] > fractions[1] > fractions[2] > 0
+
+
+def test_generate_static_cache_same_tokens_as_dense():
+    from transformers import StaticCache
+
+    model = gpu_model(dtype=torch.bfloat16)
+    model.generation_config.pad_token_id = 0
+    prompt = IDS[:, :12].cuda()
+
+    def generate(length=12):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.no_grad():
+            return model.generate(prompt[:, :length], max_new_tokens=16, do_sample=False,
+                                  past_key_values=cache, disable_compile=True)
+
+    dense = generate()
+    model.forward = torch.compile(model.forward, backend="prunepath",
+                                  options={"tau": 1.0, "calibration": CALIB, "expert_size": 16})
+    assert torch.equal(generate(), dense)
+    assert torch.equal(generate(), dense)
+    graphs = counters["stats"]["unique_graphs"]
+    ppcompile.set_tau(model, 0.5)
+    generate()
+    assert counters["stats"]["unique_graphs"] == graphs, "set_tau between generate() recompiled"
+    assert ppcompile.report(model).active_fraction < 1
