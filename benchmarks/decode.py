@@ -39,9 +39,14 @@ def main():
     records = []
     for name in args.models:
         model = bench.random_llama(name)
-        records += bench.run(model, name, args.batches, args.fractions, args.prompt_len,
-                             args.new_tokens, log=lambda m: print(m, flush=True))
+        done = list(records)
+
+        def save(new):
+            args.out.write_text(json.dumps(done + new, indent=1))
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        records += bench.run(model, name, args.batches, args.fractions, args.prompt_len,
+                             args.new_tokens, log=lambda m: print(m, flush=True), on_record=save)
         args.out.write_text(json.dumps(records, indent=1))
         del model
         torch._dynamo.reset()

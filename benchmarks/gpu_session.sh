@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# Everything the GPU machine checks and times, in sections that each fit one device call:
-#   SECTIONS="tests decode-1b" bash benchmarks/gpu_session.sh      # then: kernels, decode-8b
-# Logs and JSON go to $OUT (the device tool brings them back); commit them under
-# benchmarks/results/ with the command that made them.
+# Everything the GPU machine checks and times, in sections with their own time limits, so that
+# one device call (10 minutes at most) runs several of them:
+#   SECTIONS="kernels:260 tests:120 decode-1b:190" bash benchmarks/gpu_session.sh
+# Sections: kernels (benchmarks/kernels.py), tests (tests/test_gpu.py), triton-tests
+# (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py).
+# Logs and JSON go to $RESULTS and, packed, to $OUT/results.tgz (the device tool brings back at
+# most 8 files); commit them under benchmarks/results/ with the command that made them.
 set -uo pipefail
-OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
+RESULTS=${RESULTS:-/tmp/gpu_results}
+mkdir -p "$RESULTS"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" -C "$RESULTS" . ; }
+trap pack EXIT
+log() { echo "[$(date +%T)] $*" | tee -a "$RESULTS/session.log"; }
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
-  log "start $name: $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  log "start $name (limit ${limit}s): $*"
+  timeout -k 5 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
   log "end $name: exit $?"
-  tail -n 25 "$OUT/$name.log"
+  tail -n 40 "$RESULTS/$name.log"
 }
-log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+log "$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader)"
 log "$(python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)')"
-for section in ${SECTIONS:-tests decode-1b}; do
-  case $section in
-    tests)     step pytest_gpu 240 python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
-               step pytest_triton 200 python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ;;
-    kernels)   step kernels 560 python benchmarks/kernels.py --out "$OUT" --budget-s 450 ;;
-    decode-1b) step decode_1b 330 python benchmarks/decode.py --models llama3-1b --out "$OUT/decode_1b.json" ;;
-    decode-8b) step decode_8b 560 python benchmarks/decode.py --models llama3-8b --out "$OUT/decode_8b.json" ;;
-    *) log "unknown section $section" ;;
+log "git $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) uncommitted paths"
+for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
+  name=${section%%:*} limit=${section#*:}
+  case $name in
+    kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ;;
+    tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;
+    triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ;;
+    decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b --out "$RESULTS/decode_1b.json" ;;
+    decode-8b)    step decode_8b "$limit" python benchmarks/decode.py --models llama3-8b --out "$RESULTS/decode_8b.json" ;;
+    *) log "unknown section $name" ;;
   esac
 done

@@ -283,7 +283,7 @@ def measure_bandwidth():
 # 3. decode
 
 
-def bench_decode(clock, bw, l2_bytes):
+def bench_decode(clock, bw, l2_bytes, out_path):
     op = torch.ops.ppcompile.sparse_ffn_triton
     records = []
     gen = torch.Generator().manual_seed(1)
@@ -326,6 +326,7 @@ def bench_decode(clock, bw, l2_bytes):
                           + ("" if rec["kept_as_constructed"] else "  KEPT SET WRONG"))
         del weights
         torch.cuda.empty_cache()
+        out_path.write_text(json.dumps(records, indent=1))  # what is done survives a timeout
     return records
 
 
@@ -529,8 +530,7 @@ def main():
     meta = dict(gpu=props.name, torch=torch.__version__, bandwidth=bw, numerics=numerics)
     (args.out / "kernels_meta.json").write_text(json.dumps(meta, indent=1))
 
-    decode = bench_decode(clock, bw["read_bw"], l2_bytes)
-    (args.out / "kernels.json").write_text(json.dumps(decode, indent=1))
+    decode = bench_decode(clock, bw["read_bw"], l2_bytes, args.out / "kernels.json")
 
     sections = [("kernels_profile.json", profile_kernels, 40),
                 ("kernels_prefill.json", bench_prefill, 45),

@@ -147,8 +147,9 @@ def tau_for_fraction(decoder, prompt, target: float, steps: int = 8) -> tuple[fl
 
 
 def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, calibration=None,
-        expert_size=16, log=print) -> list[dict]:
-    """Dense then prunepath records for `model` (on CUDA), one per (batch, fraction)."""
+        expert_size=16, log=print, on_record=None) -> list[dict]:
+    """Dense then prunepath records for `model` (on CUDA), one per (batch, fraction);
+    on_record(records) is called after each one (to save partial results)."""
     gpu = torch.cuda.get_device_name()
     vocab = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -197,6 +198,8 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
             log(f"{name} batch {b} a={active:.3f} (union {union:.3f}, tau {tau:.4f}): "
                 f"{result['tokens_per_s']:.1f} tokens/s = {speedup:.2f}x dense, ideal "
                 f"{ideal:.2f}x, peak {result['peak_mem_gb']:.2f} GB")
+            if on_record is not None:
+                on_record(records)
     model.forward = forward
     return records
 
