@@ -22,6 +22,9 @@ step() {  # step NAME SECONDS COMMAND...
 }
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader)"
 log "$(python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)')"
+# the backend is found by name through its entry point: install the project (offline, no deps)
+python -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$RESULTS/pip.log" 2>&1 \
+  || log "pip install -e . failed (see pip.log)"
 log "git $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) uncommitted paths"
 for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
   name=${section%%:*} limit=${section#*:}

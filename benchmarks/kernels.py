@@ -47,7 +47,7 @@ FRACTIONS = [0.125, 0.25, 0.5, 1.0]
 BATCHES = [1, 8]
 EXPERT_SIZE = 16
 TAU = 0.999
-PREFILL_TOKENS = [16, 64, 256, 1024]
+PREFILL_TOKENS = [4, 8, 16, 64, 256]
 PREFILL_SHAPE = (4096, 14336)
 BRIEF_READ_BW = 4.39e12  # the bandwidth the targets were set with
 
@@ -389,16 +389,20 @@ def profile_kernels(clock, l2_bytes):
 
 SWEEP = {
     ((4096, 14336), 1): [
-        {}, dict(up_sub=1), dict(up_sub=4), dict(up_sub=8), dict(up_programs_x=1),
-        dict(up_programs_x=4), dict(up_warps=4), dict(fused_select=False),
-        dict(fuse_down=False), dict(router_block_e=1), dict(router_block_e=8),
+        {}, dict(up_sub=1), dict(up_sub=4), dict(up_programs_x=1), dict(up_programs_x=3),
+        dict(up_warps=4), dict(up_warps=16), dict(fused_select=False), dict(router_block_e=1),
+        dict(router_block_e=8),
     ],
     ((4096, 14336), 8): [
-        {}, dict(dot=False), dict(up_programs_x=1), dict(up_programs_x=4), dict(down_ks=4),
-        dict(down_ks=16), dict(down_block_d=256), dict(up_block_k=64), dict(fused_select=True),
+        {}, dict(dot=False), dict(router_dot=False, router_block_e=2, router_block_k=512),
+        dict(fused_select=True), dict(up_programs_x=1), dict(up_programs_x=4), dict(down_ks=4),
+        dict(down_ks=16), dict(up_stages=4), dict(up_block_k=64),
     ],
-    ((576, 1536), 1): [{}, dict(up_programs_x=1), dict(fused_select=False),
-                       dict(fuse_down=False), dict(up_sub=2), dict(up_sub=16)],
+    ((576, 1536), 1): [
+        {}, dict(up_programs=8), dict(up_programs=33), dict(up_programs=132),
+        dict(up_programs=264), dict(up_sub=2), dict(up_sub=16), dict(fuse_down=False),
+        dict(up_warps=4),
+    ],
 }
 
 
@@ -413,7 +417,7 @@ def sweep_plans(clock, l2_bytes):
             weights = Weights(d, d_ff, copies)
             x, routers, _, _ = routed_inputs(d, weights.n_exp, batch, 0.25, copies, gen)
             for cfg in configs:
-                if clock.left() < 60:
+                if clock.left() < 10:
                     clock.log("sweep: out of time budget, rest skipped")
                     return out
                 config = dict(cfg)

@@ -5,8 +5,10 @@ Used by benchmarks/decode.py (Llama shapes with random weights) and `ppcompile b
 LM). The supported way to decode under the backend, as done here:
 
     model.forward = torch.compile(model.forward, backend="prunepath", options={...})
-    model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=L),
-                   disable_compile=True)   # HF would otherwise wrap forward in its own compile
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    cache.early_initialization(batch_size=B, num_heads=..., head_dim=..., dtype=..., device=...)
+    model.generate(ids, past_key_values=cache, disable_compile=True)  # cache.reset() to reuse
+    # disable_compile: HF would otherwise wrap forward in its own compile
 
 Measures, per batch size: decode tokens/s (new tokens after the first, over the time they take:
 a generate() of N new tokens minus one of 1 new token), peak GPU memory of a generate(), the
@@ -53,15 +55,33 @@ class Decoder:
         self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
         model.generation_config.pad_token_id = 0
         model.generation_config.eos_token_id = None  # random weights: never stop early
+        self.caches = {}
 
-    def generate(self, prompt, new_tokens):
+    def cache(self, batch: int):
+        """One static KV cache per batch size, allocated before the first compiled call and
+        reset between generate() calls: its tensors keep their addresses (CUDA graphs replay
+        on them), and a cache first allocated inside a compiled graph would be a CUDA-graph
+        output, overwritten by the next replay."""
         from transformers import StaticCache
 
-        cache = StaticCache(config=self.model.config, max_cache_len=self.prompt_len + self.new_tokens)
+        cache = self.caches.get(batch)
+        if cache is None:
+            config = self.model.config
+            cache = StaticCache(config=config, max_cache_len=self.prompt_len + self.new_tokens)
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            cache.early_initialization(batch_size=batch, num_heads=config.num_key_value_heads,
+                                       head_dim=head_dim, dtype=self.model.dtype,
+                                       device=self.model.device)
+            self.caches[batch] = cache
+        else:
+            cache.reset()
+        return cache
+
+    def generate(self, prompt, new_tokens):
         with torch.no_grad():
-            return self.model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens,
-                                       min_new_tokens=new_tokens, do_sample=False,
-                                       disable_compile=True)
+            return self.model.generate(prompt, past_key_values=self.cache(prompt.shape[0]),
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       do_sample=False, disable_compile=True)
 
     def timed(self, prompt, new_tokens) -> float:
         torch.cuda.synchronize()

@@ -107,10 +107,10 @@ def mass_before(logits):
 def run_and_check(ffn, tau, activation, s, config=None, method="prunepath"):
     """Runs the kernels and checks: selection vs reference (for prunepath, experts at the cut
     excepted), y vs the exact FFN of the experts the kernels kept, counts; returns
-    (y, counts, keep)."""
+    (y, counts, keep). Token counts the op would hand to cuBLAS still run the kernels here."""
     y, counts, keep = triton_ffn.sparse_ffn_triton(
         **ffn, tau=tau_tensor(tau), activation=activation, expert_size=s, method=method,
-        config=config, return_keep=True)
+        config={} if config is None else config, return_keep=True)
     x = ffn["x"]
     x2d = x.reshape(-1, x.shape[-1])
     n = x2d.shape[0]
@@ -196,7 +196,7 @@ PLANS = [
     (2, dict(up_sub=2, up_programs=5)),                          # many small programs
     (3, dict(fused_select=True)),                                # fused selection, 3 tokens
     (3, dict(fuse_down=False, down_ks=2, down_block_q=2)),       # CUDA-core down, split-K
-    (8, dict(up_dot=False, down_dot=False, tile_m=8, fuse_down=True)),
+    (8, dict(up_dot=False, down_dot=False, router_dot=False, tile_m=8, fuse_down=True)),
     (8, dict(up_block_k=16, down_block_q=16, down_block_d=16)),  # tensor cores, small blocks
     (16, dict(sel_n=4, down_ks=1)),
     (40, dict(tile_m=16, down_ks=2)),                            # 3 token tiles, split-K
@@ -262,6 +262,19 @@ def test_top_fraction_methods(method, n, tau):
     assert (keep.sum(1) == max(1, round(tau * 8))).all()
     if method == "static":
         assert (keep == keep[:1]).all()
+
+
+def test_many_tokens_run_the_reference(monkeypatch):
+    """Past DENSE_ABOVE tokens the op is the reference (dense GEMMs, dropped experts masked)."""
+    ffn = make_ffn(triton_ffn.DENSE_ABOVE + 1, 64, 128, 16, gated=True, biases=False)
+    launched = []
+    monkeypatch.setattr(triton_ffn, "_launch", lambda *a: launched.append(a))
+    y, counts = triton_ffn.sparse_ffn_triton(**ffn, tau=tau_tensor(0.6), activation="silu",
+                                             expert_size=16)
+    y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(0.6), activation="silu",
+                                             expert_size=16)
+    assert not launched and torch.equal(y, y_ref) and torch.equal(counts, counts_ref)
+    assert counts[0] < counts[1] * 128
 
 
 def test_oracle_and_unknown_methods():

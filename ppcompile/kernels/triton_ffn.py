@@ -43,6 +43,11 @@ ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
 TOPK_METHODS = ("topk", "static")  # both keep the round(tau * E) highest logits
 
 DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token tile)
+# Past this many tokens the op runs the torch reference (cuBLAS GEMMs, dropped experts masked):
+# the union of experts is then nearly all of them, and on an H100 (2026-11-25, 4096x14336 bf16)
+# cuBLAS took 139 / 144 / 179 / 491 us at 16 / 64 / 256 / 1024 tokens against 224 / 226 / 624 /
+# 1482 us for the best kernel plan (benchmarks/results/kernels_prefill.json).
+DENSE_ABOVE = 16
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
 MAX_TILE_TOKENS = 64    # bits are int64
 MAX_OFFSET = 2 ** 31    # kernels index with int32: tokens x widths, and weights, stay below
@@ -131,38 +136,48 @@ def _zero(ptr, n, lin, nprog, ZBLOCK: tl.constexpr):
 def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     """Kept mask of logits [BLOCK_N, E_PAD] (valid: real token and expert; row_ok: real token).
 
-    Default: reference.select_experts: softmax, sort descending, keep rank r iff the mass of the
+    Default: reference.select_experts: softmax, rank descending, keep rank r iff the mass of the
     ranks above it is < tau (or tau >= 1). TOPK: reference.select_top_fraction: the
-    round(tau * E) highest logits, at least one. Either way one fp32 sort gives the kept count,
-    the cut becomes a threshold value, and experts tied with it are taken lowest index first.
+    round(tau * E) highest logits, at least one. Experts tied at the cut are taken lowest index
+    first. No sort: with weights w (probabilities, or ones for TOPK) and a target (tau, or the
+    kept count), g(t) = sum of w over experts whose order key exceeds t falls as t rises, and the
+    last kept expert's key is the least t with g(t) < target. A bisection over the 32-bit keys
+    finds it with one row reduction per step (a sort of E values costs several microseconds).
     Takes values, not pointers: Inductor's mutation analysis counts every pointer that reaches a
     store address through a call as written (tau, a graph input, would be cloned per call)."""
     if TOPK:
-        score = tl.where(valid, logits, float("-inf"))
-        ranked = tl.sort(score, dim=1, descending=True)
         # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
         v = tau.to(tl.float64) * n_exp
         whole = v.to(tl.int64)
         frac = v - whole.to(tl.float64)
         k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
-        k = tl.minimum(tl.maximum(k, 1), n_exp)
-        kept_ranked = (tl.arange(0, logits.shape[1])[None, :] < k) & row_ok[:, None]
+        target = tl.minimum(tl.maximum(k, 1), n_exp).to(tl.float32)
+        bits = logits.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # float order as ints
+        weight = tl.where(valid, 1.0, 0.0)
     else:
         top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
         ex = tl.exp(logits - top[:, None])
         z = tl.sum(ex, axis=1)
-        score = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], -1.0)
-        ranked = tl.sort(score, dim=1, descending=True)  # padding (-1) sorts last
-        mass_before = tl.cumsum(ranked, axis=1) - ranked
-        cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
-        kept_ranked = (mass_before < cut) & (ranked >= 0.0)
-    n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
-    threshold = tl.min(tl.where(kept_ranked, ranked, float("inf")), axis=1)
-    above = valid & (score > threshold[:, None])
-    tie = valid & (score == threshold[:, None])
-    ties_needed = n_kept - tl.sum(above.to(tl.int32), axis=1)
-    tie_order = tl.cumsum(tie.to(tl.int32), axis=1)
-    return above | (tie & (tie_order <= ties_needed[:, None]))
+        weight = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], 0.0)
+        key = weight.to(tl.int32, bitcast=True).to(tl.int64)  # p >= 0: bits are in order
+        target = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
+    lo = tl.min(tl.where(valid, key, 2**31), axis=1)
+    hi = tl.max(tl.where(valid, key, -2**31), axis=1)
+    for _ in range(32):  # g(hi) = 0 < target; invariant: the answer is in [lo, hi]
+        mid = lo + (hi - lo) // 2
+        ok = tl.sum(tl.where(key > mid[:, None], weight, 0.0), axis=1) < target
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid + 1)
+    cut = key == hi[:, None]
+    above = valid & (key > hi[:, None])
+    tie = valid & cut
+    mass_above = tl.sum(tl.where(above, weight, 0.0), axis=1)
+    w_cut = tl.max(tl.where(tie, weight, 0.0), axis=1)
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) - 1
+    keep_tie = tie & (mass_above[:, None] + tie_rank.to(tl.float32) * w_cut[:, None]
+                      < target)
+    return above | keep_tie
 
 
 @triton.jit
@@ -456,6 +471,14 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter runs programs one after another: keep grids small
 
 
+def _decode_programs(d: int, d_out: int, d_ff: int, n_sm: int) -> int:
+    """Programs per token tile of the decode up kernel: two per SM keep enough loads in flight
+    for large FFNs; small ones get about 64 KB of weights each, since every program pays the
+    selection and adds a full-width partial y into one accumulator (atomics on the same lines)."""
+    weight_bytes = 2 * d_ff * (2 * d + d_out)
+    return max(16, min(2 * n_sm, weight_bytes // 65536))
+
+
 def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: int,
          kind: str | None = None, dot: bool | None = None, **overrides) -> Plan:
     """The shape table. Rules and the measurements they come from: benchmarks/KERNELS.md.
@@ -483,16 +506,17 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         fuse_down = not dot and n_pad * do_pad <= 8192 and up_sub * do_pad <= 16384
         down_block_d = 128 if dot else min(do_pad, max(64, 4096 // n_pad))
         n_dtiles = triton.cdiv(d_out, down_block_d)
-        # router: enough programs to stream router_w at full bandwidth; a GEMM past 16 tokens
-        router_dot = n_tokens > DECODE_MAX_N
+        # router: enough programs to stream router_w at full bandwidth; tensor cores when the
+        # experts do (CUDA-core FMAs over 8 tokens took 17 us for a 7 MB router on an H100)
+        router_dot = dot
         rbe = max(1, min(16, _floor_pow2(n_exp // (2 * n_sm)))) if n_exp >= 4 * n_sm else 1
-        rbe = min(64, max(16, e_pad)) if router_dot else rbe
-        rbk = 64 if router_dot else min(d_pad, max(64, 8192 // (min(n_pad, 16) * rbe)))
+        rbe = 16 if router_dot else rbe
+        rbk = min(d_pad, 256) if router_dot else min(d_pad, max(64, 8192 // (n_pad * rbe)))
         base = dict(
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
             router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1,
-            up_programs=2 * n_sm, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
+            up_programs=_decode_programs(d, d_out, d_ff, n_sm), up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
             down_block_d=down_block_d, down_ks=max(1, (2 * n_sm) // n_dtiles),
@@ -566,7 +590,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     too_big = max(n_tokens * max(d, d_ff, d_out), d_ff * max(d, d_out)) >= MAX_OFFSET
-    if method == "oracle" or n_exp > MAX_EXPERTS or too_big or n_tokens == 0:
+    many = n_tokens > DENSE_ABOVE and config is None
+    if method == "oracle" or n_exp > MAX_EXPERTS or too_big or many or n_tokens == 0:
         y, counts = sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
                                          router_b, tau, activation, expert_size, method)
         return (y, counts, None) if return_keep else (y, counts)
