@@ -14,7 +14,8 @@ from tiny_models import tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CALIB = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
-IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+# 16 tokens: the most the op runs on its kernels (more go to cuBLAS, see DENSE_ABOVE)
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 def gpu_model(family="llama", dtype=torch.float32, **overrides):
@@ -75,8 +76,8 @@ def test_generate_static_cache_same_tokens_as_dense():
     from ppcompile.bench import Decoder
 
     model = gpu_model(dtype=torch.bfloat16)
-    decoder = Decoder(model, prompt_len=12, new_tokens=16)
-    prompt = IDS[:, :12].cuda()
+    decoder = Decoder(model, prompt_len=8, new_tokens=16)
+    prompt = IDS.cuda()
     dense = decoder.generate(prompt, 16)
     model.forward = torch.compile(model.forward, backend="prunepath",
                                   options={"tau": 1.0, "calibration": CALIB, "expert_size": 16})

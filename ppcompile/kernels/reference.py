@@ -99,6 +99,7 @@ def sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w
     keep = keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size)
     h = h * keep.repeat_interleave(expert_size, dim=1).to(h.dtype)
     y = F.linear(h, w_down, b_down)
+    # new_full, not torch.tensor: no host-to-device copy (the op runs inside CUDA graphs)
     counts = torch.stack([keep.sum().double() * expert_size,
-                          torch.tensor(x2d.shape[0], dtype=torch.float64, device=x.device)])
+                          keep.new_full((), x2d.shape[0], dtype=torch.float64)])
     return y.reshape(*x.shape[:-1], y.shape[-1]), counts
