@@ -3,7 +3,8 @@
 # one device call (10 minutes at most) runs several of them:
 #   SECTIONS="kernels:260 tests:120 decode-1b:190" bash benchmarks/gpu_session.sh
 # Sections: kernels (benchmarks/kernels.py), tests (tests/test_gpu.py), triton-tests
-# (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py).
+# (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
+# DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25").
 # Logs and JSON go to $RESULTS and, packed, to $OUT/results.tgz (the device tool brings back at
 # most 8 files); commit them under benchmarks/results/ with the command that made them.
 set -uo pipefail
@@ -32,8 +33,8 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
     kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ;;
     tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;
     triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ;;
-    decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b --out "$RESULTS/decode_1b.json" ;;
-    decode-8b)    step decode_8b "$limit" python benchmarks/decode.py --models llama3-8b --out "$RESULTS/decode_8b.json" ;;
+    decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b ${DECODE_ARGS:-} --out "$RESULTS/decode_1b.json" ;;
+    decode-8b)    step decode_8b "$limit" python benchmarks/decode.py --models llama3-8b ${DECODE_ARGS:-} --out "$RESULTS/decode_8b.json" ;;
     *) log "unknown section $name" ;;
   esac
 done

@@ -136,48 +136,38 @@ def _zero(ptr, n, lin, nprog, ZBLOCK: tl.constexpr):
 def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     """Kept mask of logits [BLOCK_N, E_PAD] (valid: real token and expert; row_ok: real token).
 
-    Default: reference.select_experts: softmax, rank descending, keep rank r iff the mass of the
+    Default: reference.select_experts: softmax, sort descending, keep rank r iff the mass of the
     ranks above it is < tau (or tau >= 1). TOPK: reference.select_top_fraction: the
-    round(tau * E) highest logits, at least one. Experts tied at the cut are taken lowest index
-    first. No sort: with weights w (probabilities, or ones for TOPK) and a target (tau, or the
-    kept count), g(t) = sum of w over experts whose order key exceeds t falls as t rises, and the
-    last kept expert's key is the least t with g(t) < target. A bisection over the 32-bit keys
-    finds it with one row reduction per step (a sort of E values costs several microseconds).
+    round(tau * E) highest logits, at least one. Either way one fp32 sort gives the kept count,
+    the cut becomes a threshold value, and experts tied with it are taken lowest index first.
     Takes values, not pointers: Inductor's mutation analysis counts every pointer that reaches a
     store address through a call as written (tau, a graph input, would be cloned per call)."""
     if TOPK:
+        score = tl.where(valid, logits, float("-inf"))
+        ranked = tl.sort(score, dim=1, descending=True)
         # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
         v = tau.to(tl.float64) * n_exp
         whole = v.to(tl.int64)
         frac = v - whole.to(tl.float64)
         k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
-        target = tl.minimum(tl.maximum(k, 1), n_exp).to(tl.float32)
-        bits = logits.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # float order as ints
-        weight = tl.where(valid, 1.0, 0.0)
+        k = tl.minimum(tl.maximum(k, 1), n_exp)
+        kept_ranked = (tl.arange(0, logits.shape[1])[None, :] < k) & row_ok[:, None]
     else:
         top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
         ex = tl.exp(logits - top[:, None])
         z = tl.sum(ex, axis=1)
-        weight = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], 0.0)
-        key = weight.to(tl.int32, bitcast=True).to(tl.int64)  # p >= 0: bits are in order
-        target = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
-    lo = tl.min(tl.where(valid, key, 2**31), axis=1)
-    hi = tl.max(tl.where(valid, key, -2**31), axis=1)
-    for _ in range(32):  # g(hi) = 0 < target; invariant: the answer is in [lo, hi]
-        mid = lo + (hi - lo) // 2
-        ok = tl.sum(tl.where(key > mid[:, None], weight, 0.0), axis=1) < target
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, mid + 1)
-    cut = key == hi[:, None]
-    above = valid & (key > hi[:, None])
-    tie = valid & cut
-    mass_above = tl.sum(tl.where(above, weight, 0.0), axis=1)
-    w_cut = tl.max(tl.where(tie, weight, 0.0), axis=1)
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=1) - 1
-    keep_tie = tie & (mass_above[:, None] + tie_rank.to(tl.float32) * w_cut[:, None]
-                      < target)
-    return above | keep_tie
+        score = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], -1.0)
+        ranked = tl.sort(score, dim=1, descending=True)  # padding (-1) sorts last
+        mass_before = tl.cumsum(ranked, axis=1) - ranked
+        cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
+        kept_ranked = (mass_before < cut) & (ranked >= 0.0)
+    n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
+    threshold = tl.min(tl.where(kept_ranked, ranked, float("inf")), axis=1)
+    above = valid & (score > threshold[:, None])
+    tie = valid & (score == threshold[:, None])
+    ties_needed = n_kept - tl.sum(above.to(tl.int32), axis=1)
+    tie_order = tl.cumsum(tie.to(tl.int32), axis=1)
+    return above | (tie & (tie_order <= ties_needed[:, None]))
 
 
 @triton.jit
@@ -471,14 +461,6 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter runs programs one after another: keep grids small
 
 
-def _decode_programs(d: int, d_out: int, d_ff: int, n_sm: int) -> int:
-    """Programs per token tile of the decode up kernel: two per SM keep enough loads in flight
-    for large FFNs; small ones get about 64 KB of weights each, since every program pays the
-    selection and adds a full-width partial y into one accumulator (atomics on the same lines)."""
-    weight_bytes = 2 * d_ff * (2 * d + d_out)
-    return max(16, min(2 * n_sm, weight_bytes // 65536))
-
-
 def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: int,
          kind: str | None = None, dot: bool | None = None, **overrides) -> Plan:
     """The shape table. Rules and the measurements they come from: benchmarks/KERNELS.md.
@@ -516,7 +498,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
             router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1,
-            up_programs=_decode_programs(d, d_out, d_ff, n_sm), up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
+            up_programs=2 * n_sm, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
             down_block_d=down_block_d, down_ks=max(1, (2 * n_sm) // n_dtiles),
