@@ -33,7 +33,9 @@ from tabulate import tabulate
 
 import ppcompile
 from ppcompile import evaluate, models
+from ppcompile.options import Options
 
+DEFAULTS = Options()
 ROOT = Path(__file__).resolve().parent.parent
 CALIB_TEXT = ROOT / "calibration" / "text" / "wikitext2_calib.txt"
 EVAL_TEXT = ROOT / "calibration" / "text" / "wikitext2_heldout.txt"
@@ -277,7 +279,9 @@ def write_markdown(results) -> str:
            f"Environment: {results['environment']}. Whole run: {results['wall_seconds']} s.", "",
            f"Calibration text: `{CALIB_TEXT.relative_to(ROOT)}` (second half of the WikiText-2 "
            f"raw test split); evaluation text: `{EVAL_TEXT.relative_to(ROOT)}` (its first half, "
-           "disjoint). Expert size 16, float32, CPU. Active fraction: share of FFN neurons "
+           f"disjoint). Expert size {DEFAULTS.expert_size}, calibration tokens per FFN "
+           f"{DEFAULTS.calibration_tokens} (the defaults), float32, CPU. Active fraction: share "
+           "of FFN neurons "
            "computed, token-weighted, mean over FFNs (`ppcompile.report(...).active_fraction`). "
            "For prunepath/oracle tau is the probability-mass threshold, for topk/static the "
            "fraction of experts kept. Matched fractions interpolate each method's measured "

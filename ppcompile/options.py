@@ -21,13 +21,17 @@ class Options:
 
     tau: float in (0, 1]. Per token, keep the highest-ranked experts until their router
         probability adds up to tau (the expert that crosses tau is kept). 1.0 keeps every expert
-        and reproduces the dense model. Change it later with `ppcompile.set_tau`, without
-        recompiling.
+        and reproduces the dense model. Each FFN runs at its own threshold for this tau (its
+        layer budget, fitted at calibration: the model keeps on average what tau would keep
+        everywhere, moved to the FFNs where dropping experts costs most). Change it later with
+        `ppcompile.set_tau`, without recompiling.
     calibration: tensor or None. Inputs to calibrate on: token ids [N, T] for a language model,
         or whatever the compiled module takes as its first tensor input (hidden states
         [N, T, d] for a single layer). They are cut into windows of the traced input's shape.
         None: calibrate on the inputs of the first call, with a warning.
-    expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width.
+    expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width. 8 measured
+        clearly better than 16 at equal active fraction on SmolLM2-135M (see
+        benchmarks/results/router_ablation.md), at twice the router's width.
     calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router fitting
         (calibration runs on all tokens, but keeps at most this many per FFN in memory).
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
@@ -49,7 +53,7 @@ class Options:
 
     tau: float = 0.9
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    expert_size: int = 16
+    expert_size: int = 8
     calibration_tokens: int = 4096
     seed: int = 0
     method: str = "prunepath"

@@ -1,15 +1,27 @@
-"""Pass 5: router fine-tuning.
+"""Pass 5: router fine-tuning: a router per FFN, then a layer budget across the FFNs.
 
-Matches: FFNs with a calibration sample and experts built, but no plan yet. For each sampled token
-the target is each expert's share of the FFN output, ||W_down[:, e] h_e(x)||. The linear router
-(d -> E) is fitted by ridge regression of the log shares on x, in closed form: softmax(router(x))
-is then the predicted distribution of output shares, so "keep experts until their probability
-reaches tau" keeps about a tau share of the output. (Measured on SmolLM2-135M: as good as 300
-Adam steps of soft cross-entropy, or an MLP router, at about 1% of the time; see
-benchmarks/results/router_ablation.md.)
-Guarantees: the graph is unchanged; each such FFN gets a SparseFFN state (router and the static
-method's expert ranking, in the weights' dtype and device; tau = options.tau; zeroed statistics)
-registered under its weights; the calibration sample is released.
+Matches: FFNs with a calibration sample and experts built, but no plan yet.
+1. Router. For each sampled token the target is each expert's share of the FFN output,
+   ||W_down[:, e] h_e(x)|| normalised over experts. The linear router (d -> E) starts from the
+   ridge regression of the log shares on x (closed form) and then minimises the cross-entropy
+   of softmax(router(x)) to the shares (full-batch L-BFGS): the softmax is then the predicted
+   share distribution itself, so "keep experts until their probability reaches tau" keeps about
+   a tau share of the output.
+2. Layer budget. A model-wide tau would give every FFN whatever active fraction its router's
+   confidence yields, whatever the cost. Instead, for each model-wide tau on a grid, the FFNs of
+   this graph share the active fraction that tau gives on average (on the calibration sample),
+   split to minimise the summed cost of the dropped experts: per token, their squared output
+   norms (cross terms ignored) over the squared norm of the FFN output, times the FFN's weight in
+   its residual stream (calibrate's sample["weight"]). Each FFN's threshold at each grid tau is
+   stored as its `tau_table`; set_tau interpolates it ("prunepath" only).
+Measured on SmolLM2-135M (benchmarks/results/router_ablation.md): the cross-entropy step and
+the layer budget each lower perplexity at equal active fraction; a 2-layer MLP router gained
+little over a linear one on the same sample.
+Guarantees: the graph is unchanged; each such FFN gets a SparseFFN state (router, tau table,
+and the static method's expert ranking, in the weights' dtype and device; tau = options.tau;
+zeroed statistics) registered under its weights; tau = 1.0 keeps every expert in every FFN
+(the table maps 1 to 1); each FFN's threshold never decreases as tau grows; the calibration
+sample is released. Deterministic (no randomness).
 """
 from __future__ import annotations
 
@@ -21,10 +33,16 @@ from ..kernels.reference import expert_importance
 from ..plan import neuron_signature
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
+CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
+CE_DECAY = 1e-4  # L2 penalty on the router weight in the cross-entropy fit
+# model-wide taus at which the layer budget is solved: fine near 1, where fractions move fast;
+# none is 0 (the rule would keep no expert)
+TAU_GRID = torch.cat([torch.linspace(0.01, 0.9, 90), torch.linspace(0.9, 1.0, 51)[1:]]).double()
 
 
 def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     opts = ctx.options
+    planned = []
     for ffn in gm.meta["ppcompile_ffns"]:
         if ffn.state is not None or ffn.sample is None:
             continue
@@ -36,19 +54,59 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             static = share.mean(0).clamp_min(1e-30).log()
         w_up = weights["w_up"]
         on_device = dict(device=w_up.device, dtype=w_up.dtype)
-        state = SparseFFN(
+        ffn.state = SparseFFN(
             name=ffn.name, kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model,
             d_ff=ffn.d_ff, expert_size=opts.expert_size, router_w=router_w.to(**on_device),
             router_b=router_b.to(**on_device), static_scores=static.to(device=w_up.device),
             tau=torch.tensor(opts.tau, dtype=torch.float32, device=w_up.device),
             perm=ffn.perm.cpu(), signature=neuron_signature(weights), plan_key=opts.plan_key(),
             options_source=ctx.options_source)
+        planned.append((ffn, weights))
+    if not planned:
+        return gm
+    with torch.no_grad():
+        curves = [budget_curve(ffn.sample, w["w_down"], router_w=ffn.state.router_w,
+                               router_b=ffn.state.router_b, expert_size=opts.expert_size)
+                  for ffn, w in planned]
+        tables = layer_budgets(curves, [ffn.d_ff for ffn, _ in planned])
+    for (ffn, weights), table in zip(planned, tables):
+        state = ffn.state
+        state.tau_table = torch.stack([TAU_GRID, table]).float()
+        state.set_tau(opts.tau)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
-        ffn.state, ffn.sample, ffn.planned_now = state, None, True
+        ffn.sample, ffn.planned_now = None, True
     return gm
 
 
 def fit_router(x: torch.Tensor, share: torch.Tensor):
+    """Router (W [E, d], b [E]) for x [n, d] whose softmax matches share [n, E]: the ridge fit of
+    the log shares, refined by cross-entropy."""
+    weight, bias = fit_log_shares(x, share)
+    return refine_cross_entropy(x, share, weight, bias)
+
+
+def refine_cross_entropy(x, share, weight, bias):
+    """Minimise mean_n -sum_e share log softmax(W x + b) + CE_DECAY ||W||^2 from (W, b)."""
+    # the compile may run under no_grad or inference_mode; plain copies can be differentiated
+    with torch.inference_mode(False), torch.enable_grad():
+        x, share = x.float().clone(), share.float().clone()
+        w = weight.float().clone().requires_grad_(True)
+        b = bias.float().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=CE_STEPS, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            logp = torch.nn.functional.linear(x, w, b).log_softmax(-1)
+            value = -(share * logp).sum(-1).mean() + CE_DECAY * w.square().sum()
+            value.backward()
+            return value
+
+        opt.step(loss)
+    return w.detach(), b.detach()
+
+
+def fit_log_shares(x: torch.Tensor, share: torch.Tensor):
     """Least squares (ridge) fit of log(share) [n, E] from x [n, d]; returns (W [E, d], b [E])."""
     x = x.double()
     target = share.double().clamp_min(1e-6 / share.shape[1]).log()
@@ -59,3 +117,49 @@ def fit_router(x: torch.Tensor, share: torch.Tensor):
     weight = torch.linalg.solve(gram, xc.t() @ (target - target.mean(0)))
     bias = target.mean(0) - mean @ weight
     return weight.t().float(), bias.float()
+
+
+def budget_curve(sample, w_down, router_w, router_b, expert_size):
+    """(fraction [G], cost [G]) of one FFN at each threshold of TAU_GRID, on its calibration
+    sample, under the cumulative-mass rule on its router: the share of experts kept, and the
+    mean over tokens of weight * (squared norms of the dropped experts' outputs) / ||y||^2."""
+    x, h = sample["x"].float(), sample["h"].float()
+    imp2 = expert_importance(h, w_down, expert_size).double().square()
+    prob = torch.nn.functional.linear(x, router_w.float(), router_b.float()).softmax(-1)
+    prob, order = prob.double().sort(-1, descending=True)
+    before = prob.cumsum(-1) - prob  # mass ranked above each expert: kept while < tau
+    y2 = torch.nn.functional.linear(h, w_down.float()).double().square().sum(-1, keepdim=True)
+    scaled = imp2.gather(-1, order) * sample["weight"].double()[:, None] / y2.clamp_min(1e-30)
+    kept_cost = torch.cat([torch.zeros_like(scaled[:, :1]), scaled.cumsum(-1)], 1)
+    experts = imp2.shape[1]
+    grid = TAU_GRID.to(before.device).expand(len(before), -1).contiguous()
+    kept = torch.searchsorted(before.contiguous(), grid, side="left")  # [n, G]: before < tau
+    kept[:, -1] = experts  # tau = 1 keeps all (the rule's own convention)
+    cost = (kept_cost[:, -1:] - kept_cost.gather(-1, kept)).mean(0)
+    return kept.double().mean(0).cpu() / experts, cost.cpu()
+
+
+def layer_budgets(curves, widths) -> list[torch.Tensor]:
+    """Per FFN, its threshold [G] at each model-wide tau of TAU_GRID: at grid tau t the FFNs
+    keep, width-weighted, the mean fraction that t gives them unchanged, and within that budget
+    the Lagrangian split of summed cost (each FFN picks the grid threshold minimising
+    cost + lambda * fraction * width; lambda bisected to meet the budget)."""
+    fraction = torch.stack([f for f, _ in curves])  # [L, G]
+    cost = torch.stack([c for _, c in curves])
+    cost = cost / cost.max().clamp_min(1e-30) + 1e-9 * (1 - fraction)  # ties: keep more
+    width = torch.tensor(widths, dtype=torch.float64)[:, None]
+    width = width / width.mean()
+    budget = (fraction * width).mean(0)  # [G]: what each model-wide tau costs unchanged
+    table = torch.ones_like(fraction)
+    for g, target in enumerate(budget.tolist()):
+        if TAU_GRID[g] >= 1.0:
+            continue
+        lo, hi = -40.0, 20.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            picks = (cost + torch.exp(torch.tensor(mid)) * fraction * width).argmin(1)
+            spent = (fraction.gather(1, picks[:, None]) * width).mean()
+            lo, hi = (lo, mid) if spent <= target else (mid, hi)
+        picks = (cost + torch.exp(torch.tensor(hi)) * fraction * width).argmin(1)
+        table[:, g] = TAU_GRID[picks]
+    return list(torch.cummax(table, 1).values)
