@@ -330,8 +330,9 @@ def write_markdown(results) -> str:
             table.append([tau, fmt(p and p["active_fraction"]), fmt(p and p[metric], ".4f"),
                           fmt(p and p["ratio_to_dense"]), fmt(o and o["active_fraction"]),
                           fmt(o and o[metric], ".4f"), fmt(o and o["ratio_to_dense"])])
-        out += ["Router vs oracle at each tau (same mass threshold; the router's gap is both "
-                "in active fraction and in quality):", "",
+        out += ["Router vs oracle at each tau (same model-wide tau: prunepath runs each FFN at "
+                "the threshold its layer budget gives for it, the oracle at tau itself; the "
+                "router's gap is both in active fraction and in quality):", "",
                 tabulate(table, headers=["tau", "prunepath active", f"prunepath {metric}",
                                          "ratio", "oracle active", f"oracle {metric}", "ratio"],
                          tablefmt="github"), ""]
@@ -379,6 +380,11 @@ def notes(results) -> list[str]:
                 f"smollm2-135m: the oracle (tau rule on each expert's true output share, same "
                 f"experts) reaches ratio {fmt(ratio)} at {fraction:.0%} active, target {target}: "
                 f"{verdict} even without a router's error.")
+    lines.append("prunepath's plan: expert size and calibration tokens as above, linear routers "
+                 "(ridge fit of log output shares refined by cross-entropy) and a layer budget "
+                 "(per-FFN tau tables); topk and static use the same plan's routers/rankings at "
+                 "the model-wide tau, without the layer budget. What each part contributes: "
+                 "benchmarks/results/router_ablation.md.")
     lines.append("Perplexity is over independent 256-token windows (no earlier context), so it is "
                  "higher than full-context figures; the ratios to dense are what compare. The eval "
                  "sets are small (see each model's token count): differences of a few percent "

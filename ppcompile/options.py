@@ -33,7 +33,9 @@ class Options:
         clearly better than 16 at equal active fraction on SmolLM2-135M (see
         benchmarks/results/router_ablation.md), at twice the router's width.
     calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router fitting
-        (calibration runs on all tokens, but keeps at most this many per FFN in memory).
+        (calibration runs on all tokens, but keeps at most this many per FFN in memory: about
+        4 * n * (d + d_ff) bytes per FFN). Routers are data-limited: 8192 measured clearly
+        better than 4096 on SmolLM2-135M (benchmarks/results/router_ablation.md).
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -54,7 +56,7 @@ class Options:
     tau: float = 0.9
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
     expert_size: int = 8
-    calibration_tokens: int = 4096
+    calibration_tokens: int = 8192
     seed: int = 0
     method: str = "prunepath"
     plan: str | os.PathLike | None = None
