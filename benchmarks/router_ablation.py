@@ -4,6 +4,8 @@ allocation make PrunePath's cumulative-mass rule pay on smollm2-135m.
     python benchmarks/router_ablation.py capture            # once: per-layer (x, h) to /tmp
     python benchmarks/router_ablation.py run NAME [NAME..]  # designs, see DESIGNS
     python benchmarks/router_ablation.py table              # what has been measured
+    python benchmarks/router_ablation.py proxy              # per-layer router screening
+    python benchmarks/router_ablation.py sensitivity        # one FFN sparse at a time
 
 Everything is fitted on the calibration text (calibration/text/wikitext2_calib.txt, its first
 32 x 256-token windows, the same windows benchmarks/quality.py calibrates on) and screened by
@@ -286,7 +288,7 @@ def prepared(size, cap, features="abs", tokens=SAMPLE_TOKENS):
 
 
 def build(cap, size=16, rule="tau", router="ridge", power=1.0, alloc="global", tau_ref=0.9,
-          features="abs", tokens=SAMPLE_TOKENS, ridge=1e-2, temp=1.0):
+          features="abs", tokens=SAMPLE_TOKENS, ridge=1e-2, temp=1.0, ce_steps=100):
     """The layers of one design (see DESIGNS)."""
     layers = []
     for p in prepared(size, cap, features, tokens):
@@ -297,7 +299,7 @@ def build(cap, size=16, rule="tau", router="ridge", power=1.0, alloc="global", t
         elif rule != "oracle":
             w, b = ridge_log(p["x"], share, ridge=ridge)
             if router == "ce":
-                w, b = soft_ce(p["x"], share, w, b)
+                w, b = soft_ce(p["x"], share, w, b, steps=ce_steps)
             elif router != "ridge":
                 raise ValueError(router)
             if alloc == "temp":
@@ -408,6 +410,10 @@ DESIGNS = {
     "ce8_topk_8k": dict(size=8, router="ce", rule="topk", tokens=8192),
     "ce8_8k": dict(size=8, router="ce", tokens=8192),
     "ridge8_topk_8k": dict(size=8, rule="topk", tokens=8192),
+    "ce8_resid_8k_steps30": dict(size=8, router="ce", alloc="resid", tokens=8192, ce_steps=30),
+    "ce8_topk_resid_8k": dict(size=8, router="ce", rule="topk", alloc="resid", tokens=8192),
+    "oracle8_8k": dict(size=8, rule="oracle", tokens=8192),
+    "static8_8k": dict(size=8, rule="static", tokens=8192),
 }
 
 
@@ -448,7 +454,7 @@ def run_design(name, model, cap, val, targets=TARGETS, spread=0.04, fractions=No
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["capture", "run", "table", "dense"])
+    ap.add_argument("cmd", choices=["capture", "run", "table", "dense", "proxy", "sensitivity"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     ap.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -460,6 +466,8 @@ def main():
     CACHE.mkdir(exist_ok=True)
     if args.cmd == "table":
         return table()
+    if args.cmd == "proxy":
+        return proxy(load_capture())
     model, tokenizer = models.load(MODEL)
     fit, val = windows(tokenizer, args.val_windows)
     if args.cmd == "capture":
@@ -474,8 +482,101 @@ def main():
         print("dense", ppl)
         return 0
     cap = load_capture()
+    if args.cmd == "sensitivity":
+        return sensitivity(model, cap, val)
     for name in args.names:
         run_design(name, model, cap, val, tuple(args.targets), fractions=args.fractions)
+    return 0
+
+
+def _mlp_router(x, share, hidden=512, steps=3000):
+    """A 2-layer MLP router (d -> hidden -> E, GELU), cross-entropy to the shares, Adam: what a
+    router shape the op does not take would gain."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
+                              torch.nn.Linear(hidden, share.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (256,), generator=gen)
+        loss = -(share[idx] * net(x[idx]).log_softmax(-1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return lambda z: net(z).detach()
+
+
+def proxy(cap, size=8, layers=range(0, 30, 3), fractions=(0.5, 0.8)):
+    """Screening without perplexity: relative FFN output error ||y - y_sparse||^2 / ||y||^2 on
+    held-out calibration tokens (4096 fitted, 2048 of the other 4096 scored), every third layer,
+    each layer at the same active fraction (its own tau), for router objectives and shapes;
+    'oracle' ranks by the true output norms."""
+    def err(keep, h, wd):
+        y = F.linear(h, wd)
+        ys = F.linear(h * keep.repeat_interleave(size, 1).float(), wd)
+        return ((y - ys).square().sum() / y.square().sum()).item()
+
+    def tau_at(logits, f):
+        lo, hi = 0.0, 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if select_experts(logits, mid).float().mean() < f else (lo, mid)
+        return (lo + hi) / 2
+
+    routers = {
+        "ridge (log shares)": lambda x, s: (lambda w, b: lambda z: F.linear(z, w, b))(
+            *ridge_log(x, s)),
+        "ridge + cross-entropy (L-BFGS)": lambda x, s: (lambda w, b: lambda z: F.linear(z, w, b))(
+            *soft_ce(x, s, *ridge_log(x, s))),
+        "MLP 512, cross-entropy (Adam)": _mlp_router,
+    }
+    rows = []
+    for name, fitter in [*routers.items(), ("oracle", None)]:
+        t0 = time.perf_counter()
+        per = []
+        for layer in layers:
+            p = prepared(size, cap)[layer]
+            xr, hr = p["xr"][:2048], p["hr"][:2048]
+            share = shares(p["h"], p["w_down"], size)
+            if fitter is None:
+                logits = expert_importance(hr, p["w_down"], size).clamp_min(1e-30).log()
+            else:
+                logits = fitter(p["x"], share)(xr)
+            per.append([err(rule(logits, f), hr, p["w_down"]) for f in fractions
+                        for rule in (select_top_fraction,
+                                     lambda lg, f: select_experts(lg, tau_at(lg, f)))])
+        mean = np.mean(per, 0)
+        rows.append([name, *[round(v, 4) for v in mean], round(time.perf_counter() - t0)])
+        print(rows[-1], flush=True)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(name="proxy", size=size, fractions=fractions, rows=rows)) + "\n")
+    return 0
+
+
+def sensitivity(model, cap, val, size=8, fraction=0.5):
+    """Perplexity with only FFN l sparse (ridge router, its tau set for `fraction` of its experts
+    on calibration data), for each l: which layers the budget should protect."""
+    layers = build(cap, size=size)
+    taus = []
+    for layer, p in zip(layers, prepared(size, cap)):
+        lo, hi = 0.0, 1.0
+        for _ in range(18):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if keep_of(layer, p["x"], p["h"], mid).float().mean() < fraction \
+                else (lo, mid)
+        taus.append((lo + hi) / 2)
+    rows = []
+    with Patched(model, layers) as patched:
+        for l in range(len(layers)):
+            for j, layer in enumerate(layers):
+                layer.tau_map = (lambda k, t=taus[j]: t) if j == l else (lambda k: 1.0)
+            ppl, _, per_layer = patched.measure(1.0, val)
+            rows.append(dict(layer=l, ppl=ppl, active=per_layer[l]))
+            print(rows[-1], flush=True)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(name="sensitivity", size=size, fraction=fraction, rows=rows)) + "\n")
     return 0
 
 
