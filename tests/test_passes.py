@@ -1,5 +1,7 @@
 """Each pass on its own: what the graph holds before and after (op counts), and what it
 guarantees."""
+import importlib
+import math
 import operator
 from collections import Counter
 
@@ -183,21 +185,39 @@ def test_calibrate_weights_tokens_by_their_share_of_the_residual_stream():
         assert ((w >= 0) & (w <= 1)).all() and (w < 1).any()
 
 
-def test_train_routers_fits_layer_budgets_that_keep_tau_one_dense():
+@pytest.mark.parametrize("kept", [True, False])
+def test_train_routers_fits_layer_budgets_that_keep_tau_one_dense(kept, monkeypatch):
+    module = importlib.import_module("ppcompile.passes.train_routers")
+    real = module.check_budget
+    monkeypatch.setattr(module, "check_budget", lambda *a: {**real(*a), "kept": kept})
     model, gm, ctx = setup("llama", tau=0.5)
     for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
         gm = p(gm, ctx)
-    states = [f.state for f in gm.meta["ppcompile_ffns"]]
-    for s in states:
-        grid, own = s.tau_table
-        assert grid[-1] == 1.0 and own[-1] == 1.0 and (own.diff() >= 0).all()
+    verdict = gm.meta["ppcompile_budget"]
+    assert len(verdict["budget"]) == len(verdict["model_tau"]) == 2
+    for s in [f.state for f in gm.meta["ppcompile_ffns"]]:
         assert float(s.model_tau) == 0.5 and float(s.tau) == pytest.approx(s.ffn_tau(0.5))
         assert s.tau_input("prunepath") is s.tau
         assert all(s.tau_input(m) is s.model_tau for m in ("topk", "static", "oracle"))
+        if kept:
+            grid, own = s.tau_table
+            assert grid[-1] == 1.0 and own[-1] == 1.0 and (own.diff() >= 0).all()
+        else:
+            assert s.tau_table is None and s.ffn_tau(0.37) == 0.37
         s.set_tau(1.0)
         assert float(s.tau) == 1.0 and float(s.model_tau) == 1.0
         taus = [s.ffn_tau(t) for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
         assert taus == sorted(taus)
+
+
+def test_budget_check_compares_sparse_outputs_with_dense():
+    model, gm, ctx = setup("llama", tau=0.5)
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
+        gm = p(gm, ctx)
+    verdict = gm.meta["ppcompile_budget"]
+    assert all(e > 0 for e in verdict["budget"] + verdict["model_tau"])  # sparse != dense
+    assert verdict["kept"] == (sum(math.log(b / g) for b, g in
+                                   zip(verdict["budget"], verdict["model_tau"])) < 0)
 
 
 def test_layer_budgets_spend_the_budget_where_dropping_costs_most():
