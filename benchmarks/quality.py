@@ -382,9 +382,10 @@ def notes(results) -> list[str]:
                 f"{verdict} even without a router's error.")
     lines.append("prunepath's plan: expert size and calibration tokens as above, linear routers "
                  "(ridge fit of log output shares refined by cross-entropy) and a layer budget "
-                 "(per-FFN tau tables); topk and static use the same plan's routers/rankings at "
-                 "the model-wide tau, without the layer budget. What each part contributes: "
-                 "benchmarks/results/router_ablation.md.")
+                 "(per-FFN tau tables), kept only where it brings a calibration batch's outputs "
+                 "closer to dense (the backend prints which); topk, static and oracle run at the "
+                 "model-wide tau, topk/static on the same plan's routers/rankings. What each part "
+                 "contributes: benchmarks/results/router_ablation.md.")
     lines.append("Perplexity is over independent 256-token windows (no earlier context), so it is "
                  "higher than full-context figures; the ratios to dense are what compare. The eval "
                  "sets are small (see each model's token count): differences of a few percent "

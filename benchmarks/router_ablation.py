@@ -6,6 +6,7 @@ allocation make PrunePath's cumulative-mass rule pay on smollm2-135m.
     python benchmarks/router_ablation.py table              # what has been measured
     python benchmarks/router_ablation.py proxy              # per-layer router screening
     python benchmarks/router_ablation.py sensitivity        # one FFN sparse at a time
+    python benchmarks/router_ablation.py budget MODEL TAU.. # layer budget variants, real backend
 
 Everything is fitted on the calibration text (calibration/text/wikitext2_calib.txt, its first
 32 x 256-token windows, the same windows benchmarks/quality.py calibrates on) and screened by
@@ -454,7 +455,8 @@ def run_design(name, model, cap, val, targets=TARGETS, spread=0.04, fractions=No
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["capture", "run", "table", "dense", "proxy", "sensitivity"])
+    ap.add_argument("cmd", choices=["capture", "run", "table", "dense", "proxy", "sensitivity",
+                                    "budget"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     ap.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -468,6 +470,8 @@ def main():
         return table()
     if args.cmd == "proxy":
         return proxy(load_capture())
+    if args.cmd == "budget":
+        return budget_variants(args.names[0], [float(t) for t in args.names[1:]])
     model, tokenizer = models.load(MODEL)
     fit, val = windows(tokenizer, args.val_windows)
     if args.cmd == "capture":
@@ -577,6 +581,73 @@ def sensitivity(model, cap, val, size=8, fraction=0.5):
             print(rows[-1], flush=True)
     with open(LOG, "a") as f:
         f.write(json.dumps(dict(name="sensitivity", size=size, fraction=fraction, rows=rows)) + "\n")
+    return 0
+
+
+def budget_variants(name, taus, exponents=(1.0, 0.5, 0.0)):
+    """Through the real backend (calibrated as benchmarks/quality.py does): the prunepath curve
+    with layer budgets whose residual weight is raised to each exponent (1 = the pass's cost,
+    0 = no residual weight), and with no budget (the model-wide tau), then topk on the same
+    plan; screening windows of the calibration text after the calibration windows."""
+    import importlib
+
+    import ppcompile
+    from ppcompile.ffn import REGISTRY
+    passes = importlib.import_module("ppcompile.passes.train_routers")
+    model, tokenizer = models.load(name)
+    causal = name != "minilm-l6"
+    bos = evaluate.bos_for(model, tokenizer) if causal else tokenizer.cls_token_id
+    w = evaluate.token_windows(tokenizer, CALIB_TEXT.read_text(encoding="utf-8"),
+                               256 if causal else 128, None, bos)
+    ncal = 32 if causal else 64
+    count = 12 if name.startswith("gemma") else 16 if causal else 32
+    calib, val = w[:ncal], w[ncal + 32:ncal + 32 + count]
+    bs = 4 if name.startswith("gemma") else 8
+    curves = {p: [] for p in exponents}
+    real = passes.budget_curve
+
+    def recording(sample, *a, **k):
+        for p in exponents:
+            curves[p].append(real({**sample, "weight": sample["weight"].clamp_min(1e-12) ** p},
+                                  *a, **k))
+        return real(sample, *a, **k)
+
+    passes.budget_curve = recording
+    if causal:
+        dense = evaluate.perplexity(model, val, bs)
+        measure = lambda m: evaluate.perplexity(m, val, bs) / dense  # noqa: E731
+    else:
+        measure = lambda m: evaluate.embedding_cosine(model, m, val, bs)  # noqa: E731
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"tau": 1.0, "calibration": calib, "cache": False})
+    measure(compiled)
+    states = REGISTRY.states_of(list(model.parameters()))
+    result = {}
+    for p in (*exponents, None):
+        tables = passes.layer_budgets(curves[p], [s.d_ff for s in states]) if p is not None \
+            else [None] * len(states)
+        for s, t in zip(states, tables):
+            s.tau_table = None if t is None else torch.stack([passes.TAU_GRID, t]).float()
+        pts = []
+        for tau in taus:
+            ppcompile.set_tau(compiled, tau)
+            value = measure(compiled)
+            pts.append((ppcompile.report(compiled).active_fraction, value))
+        result[str(p)] = sorted(pts)
+        print(name, "residual weight exponent" if p is not None else "no budget", p,
+              [(round(a, 3), round(v, 4)) for a, v in sorted(pts)], flush=True)
+    torch._dynamo.reset()
+    topk = torch.compile(model, backend="prunepath", options={
+        "tau": 1.0, "calibration": calib, "cache": False, "method": "topk"})
+    measure(topk)
+    pts = []
+    for fraction in (0.5, 0.6, 0.7, 0.8, 0.9):
+        ppcompile.set_tau(topk, fraction)
+        pts.append((fraction, measure(topk)))
+    result["topk"] = pts
+    print(name, "topk", [(a, round(v, 4)) for a, v in pts], flush=True)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(name="budget", model=name, result=result)) + "\n")
     return 0
 
 

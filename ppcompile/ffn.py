@@ -73,8 +73,8 @@ class SparseFFN:
     keyed by the FFN's weights, and shared by every graph that computes this FFN.
 
     set_tau sets the model-wide tau; "prunepath" runs each FFN at its own threshold, read off
-    `tau_table` (the layer budget train_routers fitted), the other methods at the model-wide one
-    (for "topk"/"static" it is the fraction of experts kept)."""
+    `tau_table` (the layer budget train_routers fitted; None: the model-wide tau), the other
+    methods at the model-wide one (for "topk"/"static" it is the fraction of experts kept)."""
 
     name: str
     kind: str

@@ -21,10 +21,11 @@ class Options:
 
     tau: float in (0, 1]. Per token, keep the highest-ranked experts until their router
         probability adds up to tau (the expert that crosses tau is kept). 1.0 keeps every expert
-        and reproduces the dense model. Each FFN runs at its own threshold for this tau (its
-        layer budget, fitted at calibration: the model keeps on average what tau would keep
-        everywhere, moved to the FFNs where dropping experts costs most). Change it later with
-        `ppcompile.set_tau`, without recompiling.
+        and reproduces the dense model. Each FFN may run at its own threshold for this tau (a
+        layer budget fitted at calibration: the model keeps on average what tau would keep
+        everywhere, moved to the FFNs where dropping experts costs most; kept only if a
+        calibration batch shows it helps). Change it later with `ppcompile.set_tau`, without
+        recompiling.
     calibration: tensor or None. Inputs to calibrate on: token ids [N, T] for a language model,
         or whatever the compiled module takes as its first tensor input (hidden states
         [N, T, d] for a single layer). They are cut into windows of the traced input's shape.
