@@ -33,7 +33,9 @@ from tabulate import tabulate
 
 import ppcompile
 from ppcompile import evaluate, models
+from ppcompile.options import Options
 
+DEFAULTS = Options()
 ROOT = Path(__file__).resolve().parent.parent
 CALIB_TEXT = ROOT / "calibration" / "text" / "wikitext2_calib.txt"
 EVAL_TEXT = ROOT / "calibration" / "text" / "wikitext2_heldout.txt"
@@ -277,7 +279,9 @@ def write_markdown(results) -> str:
            f"Environment: {results['environment']}. Whole run: {results['wall_seconds']} s.", "",
            f"Calibration text: `{CALIB_TEXT.relative_to(ROOT)}` (second half of the WikiText-2 "
            f"raw test split); evaluation text: `{EVAL_TEXT.relative_to(ROOT)}` (its first half, "
-           "disjoint). Expert size 16, float32, CPU. Active fraction: share of FFN neurons "
+           f"disjoint). Expert size {DEFAULTS.expert_size}, calibration tokens per FFN "
+           f"{DEFAULTS.calibration_tokens} (the defaults), float32, CPU. Active fraction: share "
+           "of FFN neurons "
            "computed, token-weighted, mean over FFNs (`ppcompile.report(...).active_fraction`). "
            "For prunepath/oracle tau is the probability-mass threshold, for topk/static the "
            "fraction of experts kept. Matched fractions interpolate each method's measured "
@@ -326,8 +330,9 @@ def write_markdown(results) -> str:
             table.append([tau, fmt(p and p["active_fraction"]), fmt(p and p[metric], ".4f"),
                           fmt(p and p["ratio_to_dense"]), fmt(o and o["active_fraction"]),
                           fmt(o and o[metric], ".4f"), fmt(o and o["ratio_to_dense"])])
-        out += ["Router vs oracle at each tau (same mass threshold; the router's gap is both "
-                "in active fraction and in quality):", "",
+        out += ["Router vs oracle at each tau (same model-wide tau: prunepath runs each FFN at "
+                "the threshold its layer budget gives for it, the oracle at tau itself; the "
+                "router's gap is both in active fraction and in quality):", "",
                 tabulate(table, headers=["tau", "prunepath active", f"prunepath {metric}",
                                          "ratio", "oracle active", f"oracle {metric}", "ratio"],
                          tablefmt="github"), ""]
@@ -375,6 +380,12 @@ def notes(results) -> list[str]:
                 f"smollm2-135m: the oracle (tau rule on each expert's true output share, same "
                 f"experts) reaches ratio {fmt(ratio)} at {fraction:.0%} active, target {target}: "
                 f"{verdict} even without a router's error.")
+    lines.append("prunepath's plan: expert size and calibration tokens as above, linear routers "
+                 "(ridge fit of log output shares refined by cross-entropy) and a layer budget "
+                 "(per-FFN tau tables), kept only where it brings a calibration batch's outputs "
+                 "closer to dense (the backend prints which); topk, static and oracle run at the "
+                 "model-wide tau, topk/static on the same plan's routers/rankings. What each part "
+                 "contributes: benchmarks/results/router_ablation.md.")
     lines.append("Perplexity is over independent 256-token windows (no earlier context), so it is "
                  "higher than full-context figures; the ratios to dense are what compare. The eval "
                  "sets are small (see each model's token count): differences of a few percent "

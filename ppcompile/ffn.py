@@ -2,6 +2,7 @@
 once sparsified (SparseFFN), kept per set of weights so that nothing leaks between layers."""
 from __future__ import annotations
 
+import bisect
 import weakref
 from dataclasses import dataclass, field
 
@@ -69,7 +70,11 @@ class FFNMatch:
 @dataclass(eq=False)
 class SparseFFN:
     """Runtime state of one sparsified FFN: its router, tau and statistics. Owned by the registry,
-    keyed by the FFN's weights, and shared by every graph that computes this FFN."""
+    keyed by the FFN's weights, and shared by every graph that computes this FFN.
+
+    set_tau sets the model-wide tau; "prunepath" runs each FFN at its own threshold, read off
+    `tau_table` (the layer budget train_routers fitted; None: the model-wide tau), the other
+    methods at the model-wide one (for "topk"/"static" it is the fraction of experts kept)."""
 
     name: str
     kind: str
@@ -80,7 +85,9 @@ class SparseFFN:
     router_w: torch.Tensor
     router_b: torch.Tensor
     static_scores: torch.Tensor  # [E] log mean share of each expert: the "static" method's ranking
-    tau: torch.Tensor  # 0-d float32, changed in place by set_tau
+    tau: torch.Tensor  # 0-d float32: this FFN's own mass threshold (what "prunepath" reads)
+    tau_table: torch.Tensor | None = None  # [2, K] float32: (model-wide tau, this FFN's tau)
+    model_tau: torch.Tensor = field(init=False)  # 0-d float32: as set_tau set it (other methods)
     stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
     signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_signature
@@ -91,6 +98,8 @@ class SparseFFN:
     def __post_init__(self):
         self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
         self._static_w = torch.zeros_like(self.router_w)
+        self.model_tau = self.tau.clone()
+        self.set_tau(float(self.tau))
 
     @property
     def num_experts(self) -> int:
@@ -100,14 +109,27 @@ class SparseFFN:
         active, tokens = self.stats.tolist()
         return None if tokens == 0 else active / (tokens * self.d_ff)
 
+    def ffn_tau(self, tau: float) -> float:
+        """This FFN's threshold at model-wide tau: the table interpolated (1.0 stays 1.0)."""
+        if self.tau_table is None or tau >= 1.0:
+            return tau
+        grid, own = self.tau_table.tolist()
+        i = min(max(bisect.bisect_right(grid, tau), 1), len(grid) - 1)
+        t = (tau - grid[i - 1]) / max(grid[i] - grid[i - 1], 1e-12)
+        return min(1.0, max(0.0, own[i - 1] + min(max(t, 0.0), 1.0) * (own[i] - own[i - 1])))
+
     def set_tau(self, tau: float):
-        self.tau.fill_(tau)
+        self.model_tau.fill_(tau)
+        self.tau.fill_(self.ffn_tau(tau))
         self.stats.zero_()
 
     def router_inputs(self, method: str) -> tuple:
         if method == "static":
             return self._static_w, self.static_scores.to(self.router_b.dtype)
         return self.router_w, self.router_b
+
+    def tau_input(self, method: str) -> torch.Tensor:
+        return self.tau if method == "prunepath" else self.model_tau
 
 
 class Registry:

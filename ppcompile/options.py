@@ -21,15 +21,22 @@ class Options:
 
     tau: float in (0, 1]. Per token, keep the highest-ranked experts until their router
         probability adds up to tau (the expert that crosses tau is kept). 1.0 keeps every expert
-        and reproduces the dense model. Change it later with `ppcompile.set_tau`, without
+        and reproduces the dense model. Each FFN may run at its own threshold for this tau (a
+        layer budget fitted at calibration: the model keeps on average what tau would keep
+        everywhere, moved to the FFNs where dropping experts costs most; kept only if a
+        calibration batch shows it helps). Change it later with `ppcompile.set_tau`, without
         recompiling.
     calibration: tensor or None. Inputs to calibrate on: token ids [N, T] for a language model,
         or whatever the compiled module takes as its first tensor input (hidden states
         [N, T, d] for a single layer). They are cut into windows of the traced input's shape.
         None: calibrate on the inputs of the first call, with a warning.
-    expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width.
+    expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width. 8 measured
+        clearly better than 16 at equal active fraction on SmolLM2-135M (see
+        benchmarks/results/router_ablation.md), at twice the router's width.
     calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router fitting
-        (calibration runs on all tokens, but keeps at most this many per FFN in memory).
+        (calibration runs on all tokens, but keeps at most this many per FFN in memory: about
+        4 * n * (d + d_ff) bytes per FFN). Routers are data-limited: 8192 measured clearly
+        better than 4096 on SmolLM2-135M (benchmarks/results/router_ablation.md).
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -49,8 +56,8 @@ class Options:
 
     tau: float = 0.9
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    expert_size: int = 16
-    calibration_tokens: int = 4096
+    expert_size: int = 8
+    calibration_tokens: int = 8192
     seed: int = 0
     method: str = "prunepath"
     plan: str | os.PathLike | None = None

@@ -1,6 +1,6 @@
-"""Plans: what calibration produced (neuron order, routers, layer budgets, the options that made
-them), saved to one safetensors file with a JSON header, and tied to the weights they were made
-for.
+"""Plans: what calibration produced (neuron order, routers, layer budgets as per-FFN tau tables,
+the options that made them), saved to one safetensors file with a JSON header, and tied to the
+weights they were made for.
 
 Tying a plan to weights must survive our own in-place permutation, so each FFN is identified by
 its per-neuron weight sums, sorted (a "signature", invariant under neuron order). Loading a plan
@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from .options import OptionError
 
-FORMAT = "ppcompile-plan/1"
+FORMAT = "ppcompile-plan/2"  # /2 added the per-FFN tau tables
+READABLE = ("ppcompile-plan/1", FORMAT)  # a /1 plan has no tables: every FFN runs at the model's tau
 
 
 def neuron_signature(weights: dict) -> torch.Tensor:
@@ -68,6 +69,8 @@ def save(path, states, fingerprint: str, options: dict, calibration: dict | None
                         f"{i}.router_b": s.router_b.detach().float().cpu().contiguous(),
                         f"{i}.static_scores": s.static_scores.float().cpu().contiguous(),
                         f"{i}.signature": s.signature.contiguous()})
+        if s.tau_table is not None:
+            tensors[f"{i}.tau_table"] = s.tau_table.float().cpu().contiguous()
         ffns.append(dict(name=s.name, kind=s.kind, activation=s.activation, d_model=s.d_model,
                          d_ff=s.d_ff, expert_size=s.expert_size))
     header = dict(format=FORMAT, fingerprint=fingerprint, options=options, ffns=ffns,
@@ -91,7 +94,7 @@ def load(path) -> tuple[dict, dict]:
     except Exception as err:
         raise OptionError(f"option 'plan': {str(path)!r} is not a readable plan file ({err})") from err
     header = json.loads(meta.get("ppcompile", "{}"))
-    if header.get("format") != FORMAT:
+    if header.get("format") not in READABLE:
         raise OptionError(f"option 'plan': {str(path)!r} is not a {FORMAT} file")
     return header, tensors
 
@@ -101,8 +104,13 @@ def cache_dir() -> Path:
                                Path.home() / ".cache" / "ppcompile" / "plans"))
 
 
+def _key(plan_key: tuple) -> str:
+    # the format version leads the name, so that plans made by older code are not reused
+    return "-".join(map(str, ("v" + FORMAT.rsplit("/", 1)[1], *plan_key)))
+
+
 def cache_path(fingerprint: str, plan_key: tuple, calibration_hash: str) -> Path:
-    key = "-".join(map(str, plan_key))
+    key = _key(plan_key)
     return cache_dir() / fingerprint / f"{key}-{calibration_hash}.safetensors"
 
 
@@ -113,7 +121,7 @@ def cached_plan(fingerprint: str, plan_key: tuple, calibration_hash: str | None)
         path = cache_path(fingerprint, plan_key, calibration_hash)
         return path if path.is_file() else None
     folder = cache_dir() / fingerprint
-    key = "-".join(map(str, plan_key))
+    key = _key(plan_key)
     found = sorted(folder.glob(f"{key}-*.safetensors"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 

@@ -30,7 +30,8 @@ def set_tau(compiled, tau: float) -> None:
 
 @dataclass
 class Report:
-    """rows: one dict per sparse FFN (name, kind, d_model, d_ff, expert_size, num_experts, tau,
+    """rows: one dict per sparse FFN (name, kind, d_model, d_ff, expert_size, num_experts, tau:
+    the model-wide tau, ffn_tau: this FFN's own threshold under "prunepath" (its layer budget),
     active_fraction: token-weighted share of neurons computed since the last set_tau or compile,
     None before the first call)."""
 
@@ -71,5 +72,6 @@ def report(compiled) -> Report:
     for s in _states(compiled):
         rows.append(dict(name=s.name, kind=s.kind, d_model=s.d_model, d_ff=s.d_ff,
                          expert_size=s.expert_size, num_experts=s.num_experts,
-                         tau=round(float(s.tau), 4), active_fraction=s.active_fraction()))
+                         tau=round(float(s.model_tau), 4), ffn_tau=round(float(s.tau), 4),
+                         active_fraction=s.active_fraction()))
     return Report(rows)

@@ -176,3 +176,24 @@ def test_gradients_flow_through_the_sparse_ffn():
     logits_of(model(IDS)).square().mean().backward()
     want = model.model.layers[0].mlp.up_proj.weight.grad
     assert grad is not None and rel_err(grad, want) < 1e-4
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_plan_file_carries_layer_budgets(tmp_path, monkeypatch, kept):
+    module = importlib.import_module("ppcompile.passes.train_routers")
+    real = module.check_budget
+    monkeypatch.setattr(module, "check_budget", lambda *a: {**real(*a), "kept": kept})
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.6)
+    out = run(compiled)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    states = REGISTRY.states_of(list(model.parameters()))
+    torch._dynamo.reset()
+    again = tiny_model("llama")  # same weights, another object: planned from the file only
+    loaded = torch.compile(again, backend="prunepath", options={"tau": 0.6, "plan": str(path)})
+    assert rel_err(run(loaded), out) < 1e-5
+    for a, b in zip(states, REGISTRY.states_of(list(again.parameters()))):
+        assert (a.tau_table is None) == (b.tau_table is None) == (not kept)
+        assert not kept or torch.equal(a.tau_table, b.tau_table)
+        assert float(a.tau) == float(b.tau)

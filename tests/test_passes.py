@@ -1,5 +1,7 @@
 """Each pass on its own: what the graph holds before and after (op counts), and what it
 guarantees."""
+import importlib
+import math
 import operator
 from collections import Counter
 
@@ -13,6 +15,8 @@ from ppcompile.options import Options
 from ppcompile.passes import (Context, attach_plans, build_experts, calibrate, find_ffns,
                               rewrite, train_routers)
 from ppcompile.passes.build_experts import balanced_assign, balanced_kmeans
+from ppcompile.passes.calibrate import residual_add
+from ppcompile.passes.train_routers import TAU_GRID, layer_budgets
 from tiny_models import FAMILIES, tiny_model
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -102,6 +106,7 @@ def test_calibrate_samples_bounded_tokens_without_changing_graph():
     assert op_counts(gm) == before
     for f in gm.meta["ppcompile_ffns"]:
         assert f.sample["x"].shape == (100, 32) and f.sample["h"].shape == (100, 64)
+        assert f.sample["weight"].shape == (100,)
         assert torch.isfinite(f.sample["h"]).all()
 
 
@@ -168,3 +173,60 @@ def test_balanced_assign_respects_capacity_and_prefers_high_scores():
     z = torch.nn.functional.normalize(torch.randn(96, 10), dim=1)
     assign = balanced_kmeans(z, 12, 8, torch.Generator().manual_seed(0))
     assert torch.bincount(assign).tolist() == [8] * 12
+
+
+def test_calibrate_weights_tokens_by_their_share_of_the_residual_stream():
+    _, gm, ctx = setup("llama")
+    gm = calibrate(attach_plans(find_ffns(gm, ctx), ctx), ctx)
+    for f in gm.meta["ppcompile_ffns"]:
+        assert residual_add(gm.graph, f.down.node) is not None
+        w = f.sample["weight"]
+        assert w.shape == (f.sample["x"].shape[0],)
+        assert ((w >= 0) & (w <= 1)).all() and (w < 1).any()
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_train_routers_fits_layer_budgets_that_keep_tau_one_dense(kept, monkeypatch):
+    module = importlib.import_module("ppcompile.passes.train_routers")
+    real = module.check_budget
+    monkeypatch.setattr(module, "check_budget", lambda *a: {**real(*a), "kept": kept})
+    model, gm, ctx = setup("llama", tau=0.5)
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
+        gm = p(gm, ctx)
+    verdict = gm.meta["ppcompile_budget"]
+    assert len(verdict["budget"]) == len(verdict["model_tau"]) == 2
+    for s in [f.state for f in gm.meta["ppcompile_ffns"]]:
+        assert float(s.model_tau) == 0.5 and float(s.tau) == pytest.approx(s.ffn_tau(0.5))
+        assert s.tau_input("prunepath") is s.tau
+        assert all(s.tau_input(m) is s.model_tau for m in ("topk", "static", "oracle"))
+        if kept:
+            grid, own = s.tau_table
+            assert grid[-1] == 1.0 and own[-1] == 1.0 and (own.diff() >= 0).all()
+        else:
+            assert s.tau_table is None and s.ffn_tau(0.37) == 0.37
+        s.set_tau(1.0)
+        assert float(s.tau) == 1.0 and float(s.model_tau) == 1.0
+        taus = [s.ffn_tau(t) for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
+        assert taus == sorted(taus)
+
+
+def test_budget_check_compares_sparse_outputs_with_dense():
+    model, gm, ctx = setup("llama", tau=0.5)
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
+        gm = p(gm, ctx)
+    verdict = gm.meta["ppcompile_budget"]
+    assert all(e > 0 for e in verdict["budget"] + verdict["model_tau"])  # sparse != dense
+    assert verdict["kept"] == (sum(math.log(b / g) for b, g in
+                                   zip(verdict["budget"], verdict["model_tau"])) < 0)
+
+
+def test_layer_budgets_spend_the_budget_where_dropping_costs_most():
+    fraction = torch.linspace(0.05, 1.0, len(TAU_GRID)).double()
+    cheap = (1 - fraction) ** 2
+    tables = layer_budgets([(fraction, 10 * cheap), (fraction, cheap)], [64, 64])
+    middle = len(TAU_GRID) // 2
+    assert tables[0][middle] > TAU_GRID[middle] > tables[1][middle]  # costly FFN keeps more
+    spent = (fraction[TAU_GRID.tolist().index(tables[0][middle].item())]
+             + fraction[TAU_GRID.tolist().index(tables[1][middle].item())]) / 2
+    assert spent <= fraction[middle] + 1e-9  # within the budget of the unchanged tau
+    assert all(t[-1] == 1.0 for t in tables)

@@ -110,6 +110,7 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             router_b=tensors[f"{i}.router_b"].to(**on_device),
             static_scores=tensors[f"{i}.static_scores"].to(device=on_device["device"]),
             tau=torch.tensor(1.0, dtype=torch.float32, device=on_device["device"]),
+            tau_table=tensors.get(f"{i}.tau_table"),
             perm=perm, signature=signature,
             plan_key=(opts["expert_size"], opts["calibration_tokens"], opts["seed"]),
             plan_file=path)

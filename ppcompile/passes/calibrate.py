@@ -3,13 +3,18 @@
 Matches: FFNs without a plan. The graph runs eagerly on windows of `options.calibration` cut to
 the traced input's shape (every other input keeps its example value), one batch at a time.
 Guarantees: the graph is unchanged, and so is every input it mutates (a static KV cache and its
-counters are restored after each batch); each such FFN gets `sample = {"x": [n, d], "h": [n, d_ff]}`
-(its inputs and intermediate activations, float32, on the weights' device) for n tokens drawn
-uniformly at random over all calibration tokens, n <= options.calibration_tokens, so memory stays
-bounded however much text is given. Deterministic for a given seed.
+counters are restored after each batch); each such FFN gets `sample = {"x": [n, d], "h": [n, d_ff],
+"weight": [n]}` (its inputs and intermediate activations, float32, on the weights' device) for n
+tokens drawn uniformly at random over all calibration tokens, n <= options.calibration_tokens, so
+memory stays bounded however much text is given. "weight" is, per token, the share of the FFN's
+contribution in the residual stream it is added to, ||c||^2 / ||r + c||^2 (c: the FFN output, or
+what a norm after it makes of it; found as the first add after the FFN that adds it to a tensor
+not computed from it), or 1 where no such add exists: how much an error in this FFN's output
+moves what the next layer sees. Deterministic for a given seed.
 """
 from __future__ import annotations
 
+import operator
 import sys
 import time
 import warnings
@@ -121,13 +126,13 @@ class _Sampler:
     def __init__(self, ffns, num_batches, options):
         self.ffns, self.num_batches, self.options = ffns, num_batches, options
         self.batch, self.rows_per_batch, self.picks = 0, None, None
-        self.parts = {ffn: {"x": [], "h": []} for ffn in ffns}
+        self.parts = {ffn: {"x": [], "h": [], "weight": []} for ffn in ffns}
 
     @property
     def total_rows(self):
         return (self.rows_per_batch or 0) * self.num_batches
 
-    def add(self, ffn, x, h):
+    def add(self, ffn, x, h, contribution=None, total=None):
         x, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, ffn.d_ff)
         if self.picks is None:
             self.rows_per_batch = x.shape[0]
@@ -139,6 +144,13 @@ class _Sampler:
         rows = self.picks[self.batch].to(x.device)
         self.parts[ffn]["x"].append(x.index_select(0, rows).float())
         self.parts[ffn]["h"].append(h.index_select(0, rows).float())
+        weight = torch.ones(len(rows), device=x.device)
+        if contribution is not None and contribution.shape == total.shape and \
+                contribution.numel() == total.numel() and total.numel() % x.shape[0] == 0:
+            c = contribution.reshape(x.shape[0], -1).index_select(0, rows).float()
+            t = total.reshape(x.shape[0], -1).index_select(0, rows).float()
+            weight = (c.square().sum(1) / t.square().sum(1).clamp_min(1e-30)).clamp(0, 1)
+        self.parts[ffn]["weight"].append(weight)
 
     def next_batch(self):
         self.batch += 1
@@ -148,20 +160,51 @@ class _Sampler:
 
 
 def _observed_copy(gm: fx.GraphModule, ffns, sampler) -> fx.GraphModule:
-    """A copy of gm that hands each FFN's input and hidden activation to the sampler."""
+    """A copy of gm that hands each FFN's input, hidden activation and residual add to the
+    sampler."""
     graph = fx.Graph()
     env = {}
     output = graph.graph_copy(gm.graph, env)
     graph.output(output)
     for ffn in ffns:
-        hidden = env[ffn.down.x]
-        with graph.inserting_after(hidden):
-            graph.call_function(_recorder(sampler, ffn), (env[ffn.x], hidden))
+        args = [env[ffn.x], env[ffn.down.x]]
+        after = args[1]
+        found = residual_add(gm.graph, ffn.down.node)
+        if found is not None:
+            args += [env[found[0]], env[found[1]]]
+            after = args[3]
+        with graph.inserting_after(after):
+            graph.call_function(_recorder(sampler, ffn), tuple(args))
     return fx.GraphModule(gm, graph)
 
 
+_ADDS = {operator.add, operator.iadd, torch.add}
+RESIDUAL_SEARCH = 32  # nodes after the FFN output searched for its residual add (past a norm)
+
+
+def residual_add(graph: fx.Graph, out: fx.Node):
+    """(c, a): the first add a = r + c after node `out` where c is computed from `out` and r is
+    not (the residual stream), or None."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    derived, nodes = {out}, [out]
+    while nodes and len(derived) < RESIDUAL_SEARCH:
+        nodes = [u for n in nodes for u in n.users if u not in derived]
+        derived.update(nodes)
+    for node in sorted(derived, key=order.__getitem__):
+        is_add = (node.op == "call_function" and node.target in _ADDS) or (
+            node.op == "call_method" and node.target in ("add", "add_"))
+        if not is_add or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        if (a in derived) != (b in derived):
+            return (a if a in derived else b), node
+    return None
+
+
 def _recorder(sampler, ffn):
-    def record(x, h):
-        sampler.add(ffn, x, h)
+    def record(x, h, contribution=None, total=None):
+        sampler.add(ffn, x, h, contribution, total)
     record.__name__ = f"record_{ffn.name.replace('.', '_')}"
     return record

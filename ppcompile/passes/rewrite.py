@@ -61,7 +61,7 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 def extra_inputs(state, method) -> list:
     """The values of one FFN's extra graph inputs, in EXTRA_INPUTS order."""
-    return [*state.router_inputs(method), state.tau, state.stats]
+    return [*state.router_inputs(method), state.tau_input(method), state.stats]
 
 
 def _weight_nodes(graph, ffn) -> dict:

@@ -1,30 +1,61 @@
-"""Pass 5: router fine-tuning.
+"""Pass 5: router fine-tuning: a router per FFN, then a layer budget across the FFNs.
 
-Matches: FFNs with a calibration sample and experts built, but no plan yet. For each sampled token
-the target is each expert's share of the FFN output, ||W_down[:, e] h_e(x)||. The linear router
-(d -> E) is fitted by ridge regression of the log shares on x, in closed form: softmax(router(x))
-is then the predicted distribution of output shares, so "keep experts until their probability
-reaches tau" keeps about a tau share of the output. (Measured on SmolLM2-135M: as good as 300
-Adam steps of soft cross-entropy, or an MLP router, at about 1% of the time; see
-benchmarks/results/router_ablation.md.)
-Guarantees: the graph is unchanged; each such FFN gets a SparseFFN state (router and the static
-method's expert ranking, in the weights' dtype and device; tau = options.tau; zeroed statistics)
-registered under its weights; the calibration sample is released.
+Matches: FFNs with a calibration sample and experts built, but no plan yet.
+1. Router. For each sampled token the target is each expert's share of the FFN output,
+   ||W_down[:, e] h_e(x)|| normalised over experts. The linear router (d -> E) starts from the
+   ridge regression of the log shares on x (closed form) and then minimises the cross-entropy
+   of softmax(router(x)) to the shares (full-batch L-BFGS): the softmax is then the predicted
+   share distribution itself, so "keep experts until their probability reaches tau" keeps about
+   a tau share of the output.
+2. Layer budget. A model-wide tau would give every FFN whatever active fraction its router's
+   confidence yields, whatever the cost. Instead, for each model-wide tau on a grid, the FFNs of
+   this graph share the active fraction that tau gives on average (on the calibration sample),
+   split to minimise the summed cost of the dropped experts: per token, their squared output
+   norms (cross terms ignored) over the squared norm of the FFN output, times the FFN's weight in
+   its residual stream (calibrate's sample["weight"]). Each FFN's threshold at each grid tau is
+   stored as its `tau_table`; set_tau interpolates it ("prunepath" only).
+3. Budget check. That cost model fits some models and not others, so the budget is kept only if,
+   on the first calibration batch at mean active fractions 0.5 and 0.8, it brings the graph's
+   outputs closer to the dense outputs than the model-wide tau does (check_budget); otherwise
+   every FFN runs at the model-wide tau (tau_table None). A line on stderr says which.
+Measured (benchmarks/results/router_ablation.md): on SmolLM2-135M the layer budget is what lets
+the cumulative-mass rule beat a fixed top-k, and the cross-entropy step helps it a little; on
+Gemma-3-270M and MiniLM-L6 the model-wide tau is better than this budget; a 2-layer MLP router
+gained little over a linear one on the same sample.
+Guarantees: the graph is unchanged; each such FFN gets a SparseFFN state (router, tau table or
+None, and the static method's expert ranking, in the weights' dtype and device; tau =
+options.tau; zeroed statistics) registered under its weights; gm.meta["ppcompile_budget"] holds
+the check's numbers; tau = 1.0 keeps every expert in every FFN (a table maps 1 to 1); each
+FFN's threshold never decreases as tau grows; the calibration sample is released.
+Deterministic (no randomness).
 """
 from __future__ import annotations
 
+import math
+import sys
+import warnings
+
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from ..ffn import REGISTRY, SparseFFN
-from ..kernels.reference import expert_importance
+from ..kernels.reference import expert_importance, keep_mask
 from ..plan import neuron_signature
+from .calibrate import calibration_batches
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
+CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
+CE_DECAY = 1e-4  # L2 penalty on the router weight in the cross-entropy fit
+# model-wide taus at which the layer budget is solved: fine near 1, where fractions move fast;
+# none is 0 (the rule would keep no expert)
+TAU_GRID = torch.cat([torch.linspace(0.01, 0.9, 90), torch.linspace(0.9, 1.0, 51)[1:]]).double()
 
 
 def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     opts = ctx.options
+    planned = []
     for ffn in gm.meta["ppcompile_ffns"]:
         if ffn.state is not None or ffn.sample is None:
             continue
@@ -36,19 +67,68 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             static = share.mean(0).clamp_min(1e-30).log()
         w_up = weights["w_up"]
         on_device = dict(device=w_up.device, dtype=w_up.dtype)
-        state = SparseFFN(
+        ffn.state = SparseFFN(
             name=ffn.name, kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model,
             d_ff=ffn.d_ff, expert_size=opts.expert_size, router_w=router_w.to(**on_device),
             router_b=router_b.to(**on_device), static_scores=static.to(device=w_up.device),
             tau=torch.tensor(opts.tau, dtype=torch.float32, device=w_up.device),
             perm=ffn.perm.cpu(), signature=neuron_signature(weights), plan_key=opts.plan_key(),
             options_source=ctx.options_source)
+        planned.append((ffn, weights))
+    if not planned:
+        return gm
+    with torch.no_grad():
+        curves = [budget_curve(ffn.sample, w["w_down"], router_w=ffn.state.router_w,
+                               router_b=ffn.state.router_b, expert_size=opts.expert_size)
+                  for ffn, w in planned]
+        widths = [ffn.d_ff for ffn, _ in planned]
+        for (ffn, _), table in zip(planned, layer_budgets(curves, widths)):
+            ffn.state.tau_table = torch.stack([TAU_GRID, table]).float()
+        verdict = check_budget(gm, ctx, planned, curves, widths)
+    gm.meta["ppcompile_budget"] = verdict
+    print(f"ppcompile: layer budget {'kept' if verdict['kept'] else 'dropped'}: output error "
+          f"on a calibration batch {', '.join(f'{b:.3g}' for b in verdict['budget'])} with it, "
+          f"{', '.join(f'{g:.3g}' for g in verdict['model_tau'])} at the model-wide tau "
+          f"(active fractions {', '.join(map(str, CHECK_FRACTIONS))})", file=sys.stderr)
+    for ffn, weights in planned:
+        state = ffn.state
+        if not verdict["kept"]:
+            state.tau_table = None
+        state.set_tau(opts.tau)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
-        ffn.state, ffn.sample, ffn.planned_now = state, None, True
+        ffn.sample, ffn.planned_now = None, True
     return gm
 
 
 def fit_router(x: torch.Tensor, share: torch.Tensor):
+    """Router (W [E, d], b [E]) for x [n, d] whose softmax matches share [n, E]: the ridge fit of
+    the log shares, refined by cross-entropy."""
+    weight, bias = fit_log_shares(x, share)
+    return refine_cross_entropy(x, share, weight, bias)
+
+
+def refine_cross_entropy(x, share, weight, bias):
+    """Minimise mean_n -sum_e share log softmax(W x + b) + CE_DECAY ||W||^2 from (W, b)."""
+    # the compile may run under no_grad or inference_mode; plain copies can be differentiated
+    with torch.inference_mode(False), torch.enable_grad():
+        x, share = x.float().clone(), share.float().clone()
+        w = weight.float().clone().requires_grad_(True)
+        b = bias.float().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=CE_STEPS, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            logp = torch.nn.functional.linear(x, w, b).log_softmax(-1)
+            value = -(share * logp).sum(-1).mean() + CE_DECAY * w.square().sum()
+            value.backward()
+            return value
+
+        opt.step(loss)
+    return w.detach(), b.detach()
+
+
+def fit_log_shares(x: torch.Tensor, share: torch.Tensor):
     """Least squares (ridge) fit of log(share) [n, E] from x [n, d]; returns (W [E, d], b [E])."""
     x = x.double()
     target = share.double().clamp_min(1e-6 / share.shape[1]).log()
@@ -59,3 +139,117 @@ def fit_router(x: torch.Tensor, share: torch.Tensor):
     weight = torch.linalg.solve(gram, xc.t() @ (target - target.mean(0)))
     bias = target.mean(0) - mean @ weight
     return weight.t().float(), bias.float()
+
+
+def budget_curve(sample, w_down, router_w, router_b, expert_size):
+    """(fraction [G], cost [G]) of one FFN at each threshold of TAU_GRID, on its calibration
+    sample, under the cumulative-mass rule on its router: the share of experts kept, and the
+    mean over tokens of weight * (squared norms of the dropped experts' outputs) / ||y||^2."""
+    x, h = sample["x"].float(), sample["h"].float()
+    imp2 = expert_importance(h, w_down, expert_size).double().square()
+    prob = torch.nn.functional.linear(x, router_w.float(), router_b.float()).softmax(-1)
+    prob, order = prob.double().sort(-1, descending=True)
+    before = prob.cumsum(-1) - prob  # mass ranked above each expert: kept while < tau
+    y2 = torch.nn.functional.linear(h, w_down.float()).double().square().sum(-1, keepdim=True)
+    scaled = imp2.gather(-1, order) * sample["weight"].double()[:, None] / y2.clamp_min(1e-30)
+    kept_cost = torch.cat([torch.zeros_like(scaled[:, :1]), scaled.cumsum(-1)], 1)
+    experts = imp2.shape[1]
+    grid = TAU_GRID.to(before.device).expand(len(before), -1).contiguous()
+    kept = torch.searchsorted(before.contiguous(), grid, side="left")  # [n, G]: before < tau
+    kept[:, -1] = experts  # tau = 1 keeps all (the rule's own convention)
+    cost = (kept_cost[:, -1:] - kept_cost.gather(-1, kept)).mean(0)
+    return kept.double().mean(0).cpu() / experts, cost.cpu()
+
+
+def layer_budgets(curves, widths) -> list[torch.Tensor]:
+    """Per FFN, its threshold [G] at each model-wide tau of TAU_GRID: at grid tau t the FFNs
+    keep, width-weighted, the mean fraction that t gives them unchanged, and within that budget
+    the Lagrangian split of summed cost (each FFN picks the grid threshold minimising
+    cost + lambda * fraction * width; lambda bisected to meet the budget)."""
+    fraction = torch.stack([f for f, _ in curves])  # [L, G]
+    cost = torch.stack([c for _, c in curves])
+    cost = cost / cost.max().clamp_min(1e-30) + 1e-9 * (1 - fraction)  # ties: keep more
+    width = torch.tensor(widths, dtype=torch.float64)[:, None]
+    width = width / width.mean()
+    budget = (fraction * width).mean(0)  # [G]: what each model-wide tau costs unchanged
+    table = torch.ones_like(fraction)
+    for g, target in enumerate(budget.tolist()):
+        if TAU_GRID[g] >= 1.0:
+            continue
+        lo, hi = -40.0, 20.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            picks = (cost + torch.exp(torch.tensor(mid)) * fraction * width).argmin(1)
+            spent = (fraction.gather(1, picks[:, None]) * width).mean()
+            lo, hi = (lo, mid) if spent <= target else (mid, hi)
+        picks = (cost + torch.exp(torch.tensor(hi)) * fraction * width).argmin(1)
+        table[:, g] = TAU_GRID[picks]
+    return list(torch.cummax(table, 1).values)
+
+
+CHECK_FRACTIONS = (0.5, 0.8)  # active fractions at which the layer budget must earn its place
+
+
+def check_budget(gm, ctx, planned, curves, widths) -> dict:
+    """Run the graph on its first calibration batch dense, then with these FFNs sparse at the
+    model-wide taus whose mean active fraction is CHECK_FRACTIONS, each FFN at its budget's
+    threshold or at tau itself; keep the budget only if it brings the outputs closer to the
+    dense ones (relative L2 error of all floating outputs, geometric mean over the fractions).
+    The cost model behind the budget fits some models and not others (measured: it helps
+    SmolLM2 a lot, and hurts Gemma-3 and MiniLM), so this measures, on calibration data only."""
+    fraction = torch.stack([f for f, _ in curves])
+    width = torch.tensor(widths, dtype=torch.float64)[:, None]
+    mean = (fraction * width).sum(0) / width.sum()
+    taus = [float(TAU_GRID[(mean - f).abs().argmin()]) for f in CHECK_FRACTIONS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
+        batch = calibration_batches(gm, ctx)[0]
+    saved = [(t, t.clone()) for t in ctx.example_inputs
+             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+    sparse = _sparse_copy(gm, planned)
+
+    def outputs(module):
+        out = [t.float() for t in tree_leaves(module(*batch))
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        for tensor, value in saved:  # the graph may write its inputs (a KV cache): undo
+            tensor.copy_(value)
+        return out
+
+    dense = outputs(gm)
+    errors = {"budget": [], "model_tau": []}
+    for tau in taus:
+        for kind, found in errors.items():
+            for ffn, _ in planned:
+                ffn.state.tau.fill_(ffn.state.ffn_tau(tau) if kind == "budget" else tau)
+            got = outputs(sparse)
+            num = sum(float((a - b).square().sum()) for a, b in zip(got, dense))
+            found.append(num / max(sum(float(b.square().sum()) for b in dense), 1e-30))
+    gain = sum(math.log(max(b, 1e-30) / max(g, 1e-30))
+               for b, g in zip(errors["budget"], errors["model_tau"]))
+    return dict(kept=gain < 0, taus=taus, **errors)
+
+
+def _sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
+    """A copy of gm in which each planned FFN's output is that of the sparse FFN (reference
+    semantics, at its state's router and tau): the dense output minus the dropped experts'."""
+    graph = fx.Graph()
+    env = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for ffn, weights in planned:
+        y = env[ffn.down.node]
+        with graph.inserting_after(y):
+            node = graph.call_function(_sparsifier(ffn.state, weights["w_down"]),
+                                       (env[ffn.x], env[ffn.down.x], y))
+        y.replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
+    return fx.GraphModule(gm, graph)
+
+
+def _sparsifier(state, w_down):
+    def sparse_output(x, h, y):
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        keep = keep_mask("prunepath", x2, h2, w_down, state.router_w, state.router_b, state.tau,
+                         state.expert_size)
+        dropped = h2 * (~keep).repeat_interleave(state.expert_size, 1).to(h2.dtype)
+        return y - F.linear(dropped, w_down).reshape(y.shape).to(y.dtype)
+    sparse_output.__name__ = f"sparse_{state.name.replace('.', '_')}"[:60]
+    return sparse_output
