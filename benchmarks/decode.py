@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     bench.configure_dynamo()
+    # the backend's pass and Inductor times, to see where compile time goes
+    logging.basicConfig(format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ppcompile").setLevel(logging.INFO)
     records = []
     for name in args.models:
         model = bench.random_llama(name)

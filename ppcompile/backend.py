@@ -5,6 +5,7 @@ rewrite to sparse-FFN nodes, lower them to Triton on the GPU, compile with Induc
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -13,7 +14,7 @@ import torch.fx as fx
 from .ffn import REGISTRY
 from .graph import graph_tensors
 from .options import Options
-from .passes import Context, PASSES, run_passes
+from .passes import Context, PASSES, log, run_passes
 from .passes.lower_to_triton import relayout_
 from .passes.rewrite import extra_inputs
 
@@ -47,8 +48,11 @@ def inner_compile(gm: fx.GraphModule, example_inputs, cudagraphs=False):
     from torch._inductor.compile_fx import compile_fx
 
     on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    return compile_fx(gm, example_inputs,
-                      config_patches={"triton.cudagraphs": bool(cudagraphs and on_gpu)})
+    start = time.perf_counter()
+    compiled = compile_fx(gm, example_inputs,
+                          config_patches={"triton.cudagraphs": bool(cudagraphs and on_gpu)})
+    log.info("inductor: %.2f s", time.perf_counter() - start)
+    return compiled
 
 
 class SparseGraph:

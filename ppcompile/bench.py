@@ -185,9 +185,11 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
     dense = {}
     model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     for b in batches:
+        start = time.perf_counter()
         dense[b] = decoder.measure(prompts[b])
         log(f"{name} batch {b} dense: {dense[b]['tokens_per_s']:.1f} tokens/s, "
-            f"peak {dense[b]['peak_mem_gb']:.2f} GB")
+            f"peak {dense[b]['peak_mem_gb']:.2f} GB ({time.perf_counter() - start:.0f} s "
+            f"with compiling)")
     torch._dynamo.reset()
 
     if calibration is None:
@@ -202,7 +204,9 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
                     for s in REGISTRY.states_of(model.parameters())) / 1e9
     records = []
     for target in fractions:
+        start = time.perf_counter()
         tau, _ = tau_for_fraction(decoder, prompts[batches[0]], target)
+        log(f"{name}: tau {tau:.4f} for {target} active ({time.perf_counter() - start:.0f} s)")
         for b in batches:
             ppcompile.set_tau(model, tau)
             result = decoder.measure(prompts[b])

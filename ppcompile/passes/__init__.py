@@ -2,6 +2,8 @@
 what it matches and what it guarantees; the backend runs them with `run_passes`."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -32,7 +34,13 @@ PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, save
           lower_to_triton]
 
 
+log = logging.getLogger("ppcompile")
+
+
 def run_passes(gm: fx.GraphModule, ctx: Context, passes=None) -> fx.GraphModule:
+    """Run the passes in order; each one's wall time goes to the "ppcompile" logger (INFO)."""
     for graph_pass in PASSES if passes is None else passes:
+        start = time.perf_counter()
         gm = graph_pass(gm, ctx)
+        log.info("pass %s: %.2f s", graph_pass.__name__, time.perf_counter() - start)
     return gm
