@@ -14,7 +14,9 @@ Measures, per batch size: decode tokens/s (new tokens after the first, over the 
 a generate() of N new tokens minus one of 1 new token), peak GPU memory of a generate(), the
 active fraction measured during it, and the ideal speed-up 1 / (1 - f (1 - a)), f being the FFNs'
 share of the weight bytes read per decoded token. At batch > 1, `a` is the measured union of the
-experts the batch's tokens keep (the weights the step must read).
+experts the batch's tokens keep (the weights the step must read). Also the GPU time per step
+(kernels only, torch.profiler): generate() adds host time per token that no FFN kernel removes,
+so the ideal is compared with both.
 """
 from __future__ import annotations
 
@@ -105,7 +107,29 @@ class Decoder:
         decode_s = sorted(full)[repeats // 2] - sorted(first)[repeats // 2]
         batch = prompt.shape[0]
         return dict(tokens_per_s=batch * (self.new_tokens - 1) / decode_s, peak_mem_gb=peak,
-                    generate_s=sorted(full)[repeats // 2])
+                    generate_s=sorted(full)[repeats // 2],
+                    step_ms=1e3 * decode_s / (self.new_tokens - 1),
+                    gpu_step_ms=self.gpu_step_ms(prompt))
+
+    def gpu_step_ms(self, prompt, steps: int = 32) -> float | None:
+        """GPU time of one decode step: the summed time of the CUDA kernels (torch.profiler) of a
+        generate() of 1 + steps new tokens, minus that of 1 new token, over steps. Unlike the step's
+        wall time it leaves out the host's share (generate()'s Python and a sync per token, which
+        the GPU waits for), so dense vs sparse on it is what the ideal speed-up predicts.
+        None if the profiler saw no kernels (CUDA-graph replays it cannot see)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        def kernel_us(new_tokens):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                self.generate(prompt, new_tokens)
+                torch.cuda.synchronize()
+            return sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+
+        try:
+            step_us = (kernel_us(1 + steps) - kernel_us(1)) / steps
+        except RuntimeError:  # a profiler that cannot start here: leave the field empty
+            return None
+        return step_us / 1e3 if step_us > 0 else None
 
 
 def ffn_byte_share(model) -> float:
@@ -181,6 +205,9 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
                for b in batches}
     forward = model.forward
     decoder = Decoder(model, prompt_len, new_tokens)
+    if hasattr(torch.profiler._utils, "_init_for_cuda_graphs"):
+        # the profiler sees replays of CUDA graphs only if it was started before their capture
+        torch.profiler._utils._init_for_cuda_graphs()
 
     dense = {}
     model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
@@ -188,8 +215,8 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
         start = time.perf_counter()
         dense[b] = decoder.measure(prompts[b])
         log(f"{name} batch {b} dense: {dense[b]['tokens_per_s']:.1f} tokens/s, "
-            f"peak {dense[b]['peak_mem_gb']:.2f} GB ({time.perf_counter() - start:.0f} s "
-            f"with compiling)")
+            f"peak {dense[b]['peak_mem_gb']:.2f} GB, step {dense[b]['step_ms']:.2f} ms, GPU time "
+            f"{dense[b]['gpu_step_ms']} ms ({time.perf_counter() - start:.0f} s with compiling)")
     torch._dynamo.reset()
 
     if calibration is None:
@@ -219,17 +246,31 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
                 union_fraction=round(union, 4), tokens_per_s=round(result["tokens_per_s"], 2),
                 dense_tokens_per_s=round(dense[b]["tokens_per_s"], 2),
                 speedup=round(speedup, 4), ideal_speedup=round(ideal, 4),
+                step_ms=round(result["step_ms"], 3), dense_step_ms=round(dense[b]["step_ms"], 3),
+                gpu_step_ms=_round(result["gpu_step_ms"], 3),
+                dense_gpu_step_ms=_round(dense[b]["gpu_step_ms"], 3),
+                gpu_speedup=_round(_ratio(dense[b]["gpu_step_ms"], result["gpu_step_ms"]), 4),
                 share_of_ideal=round(speedup / ideal, 4), ffn_byte_share=round(share, 4),
                 peak_mem_gb=round(result["peak_mem_gb"], 3),
                 dense_peak_mem_gb=round(dense[b]["peak_mem_gb"], 3),
                 router_gb=round(router_gb, 3), gpu=gpu))
             log(f"{name} batch {b} a={active:.3f} (union {union:.3f}, tau {tau:.4f}): "
                 f"{result['tokens_per_s']:.1f} tokens/s = {speedup:.2f}x dense, ideal "
-                f"{ideal:.2f}x, peak {result['peak_mem_gb']:.2f} GB")
+                f"{ideal:.2f}x, peak {result['peak_mem_gb']:.2f} GB; step {result['step_ms']:.2f} "
+                f"ms (dense {dense[b]['step_ms']:.2f}), GPU time {result['gpu_step_ms']} ms "
+                f"(dense {dense[b]['gpu_step_ms']})")
             if on_record is not None:
                 on_record(records)
     model.forward = forward
     return records
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b is not None else None
+
+
+def _round(x, digits):
+    return round(x, digits) if x is not None else None
 
 
 def configure_dynamo():
@@ -245,6 +286,6 @@ def table(records) -> str:
     from tabulate import tabulate
 
     keys = ["model", "batch", "active_fraction", "union_fraction", "tokens_per_s",
-            "dense_tokens_per_s", "speedup", "ideal_speedup", "share_of_ideal", "peak_mem_gb",
-            "dense_peak_mem_gb"]
-    return tabulate([[r[k] for k in keys] for r in records], headers=keys, floatfmt=".3f")
+            "dense_tokens_per_s", "speedup", "ideal_speedup", "share_of_ideal", "gpu_speedup",
+            "peak_mem_gb", "dense_peak_mem_gb"]
+    return tabulate([[r.get(k) for k in keys] for r in records], headers=keys, floatfmt=".3f")
