@@ -209,15 +209,23 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
         # the profiler sees replays of CUDA graphs only if it was started before their capture
         torch.profiler._utils._init_for_cuda_graphs()
 
+    def allocated(when):  # where the sparse run's extra memory comes from
+        log(f"{name}: {torch.cuda.memory_allocated() / 1e9:.3f} GB allocated {when}")
+
+    for b in batches:  # every KV cache exists before any peak is taken, dense or sparse
+        decoder.cache(b)
+    allocated("before compiling (weights and KV caches)")
     dense = {}
     model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     for b in batches:
         start = time.perf_counter()
         dense[b] = decoder.measure(prompts[b])
+        allocated(f"after measuring dense batch {b}")
         log(f"{name} batch {b} dense: {dense[b]['tokens_per_s']:.1f} tokens/s, "
             f"peak {dense[b]['peak_mem_gb']:.2f} GB, step {dense[b]['step_ms']:.2f} ms, GPU time "
             f"{dense[b]['gpu_step_ms']} ms ({time.perf_counter() - start:.0f} s with compiling)")
     torch._dynamo.reset()
+    allocated("after dropping the dense graphs")
 
     if calibration is None:
         calibration = torch.randint(0, vocab, (64, prompt_len), device="cuda", generator=gen)
@@ -226,6 +234,7 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
         tau=1.0, calibration=calibration, expert_size=expert_size, calibration_tokens=2048))
     decoder.generate(prompts[batches[0]], 2)
     log(f"{name}: prunepath plan and first compile {time.perf_counter() - start:.0f} s")
+    allocated("after the plan (routers included)")
     share = ffn_byte_share(model)
     router_gb = sum(s.router_w.numel() * s.router_w.element_size()
                     for s in REGISTRY.states_of(model.parameters())) / 1e9
@@ -237,6 +246,7 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
         for b in batches:
             ppcompile.set_tau(model, tau)
             result = decoder.measure(prompts[b])
+            allocated(f"after measuring batch {b}")
             active = ppcompile.report(model).active_fraction
             union = active if b == 1 else union_fraction(model, b, vocab)
             ideal = 1.0 / (1.0 - share * (1.0 - union))
