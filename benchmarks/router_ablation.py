@@ -6,6 +6,7 @@ allocation make PrunePath's cumulative-mass rule pay on smollm2-135m.
     python benchmarks/router_ablation.py table              # what has been measured
     python benchmarks/router_ablation.py proxy              # per-layer router screening
     python benchmarks/router_ablation.py sensitivity        # one FFN sparse at a time
+    python benchmarks/router_ablation.py representative     # routers reading expert weight rows
     python benchmarks/router_ablation.py budget MODEL TAU.. # layer budget variants, real backend
 
 Everything is fitted on the calibration text (calibration/text/wikitext2_calib.txt, its first
@@ -456,7 +457,7 @@ def run_design(name, model, cap, val, targets=TARGETS, spread=0.04, fractions=No
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["capture", "run", "table", "dense", "proxy", "sensitivity",
-                                    "budget"])
+                                    "budget", "representative"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     ap.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -470,6 +471,8 @@ def main():
         return table()
     if args.cmd == "proxy":
         return proxy(load_capture())
+    if args.cmd == "representative":
+        return representative(load_capture())
     if args.cmd == "budget":
         return budget_variants(args.names[0], [float(t) for t in args.names[1:]])
     model, tokenizer = models.load(MODEL)
@@ -517,18 +520,6 @@ def proxy(cap, size=8, layers=range(0, 30, 3), fractions=(0.5, 0.8)):
     held-out calibration tokens (4096 fitted, 2048 of the other 4096 scored), every third layer,
     each layer at the same active fraction (its own tau), for router objectives and shapes;
     'oracle' ranks by the true output norms."""
-    def err(keep, h, wd):
-        y = F.linear(h, wd)
-        ys = F.linear(h * keep.repeat_interleave(size, 1).float(), wd)
-        return ((y - ys).square().sum() / y.square().sum()).item()
-
-    def tau_at(logits, f):
-        lo, hi = 0.0, 1.0
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if select_experts(logits, mid).float().mean() < f else (lo, mid)
-        return (lo + hi) / 2
-
     routers = {
         "ridge (log shares)": lambda x, s: (lambda w, b: lambda z: F.linear(z, w, b))(
             *ridge_log(x, s)),
@@ -548,15 +539,117 @@ def proxy(cap, size=8, layers=range(0, 30, 3), fractions=(0.5, 0.8)):
                 logits = expert_importance(hr, p["w_down"], size).clamp_min(1e-30).log()
             else:
                 logits = fitter(p["x"], share)(xr)
-            per.append([err(rule(logits, f), hr, p["w_down"]) for f in fractions
-                        for rule in (select_top_fraction,
-                                     lambda lg, f: select_experts(lg, tau_at(lg, f)))])
+            per.append(_proxy_errors(logits, hr, p["w_down"], size, fractions))
         mean = np.mean(per, 0)
         rows.append([name, *[round(v, 4) for v in mean], round(time.perf_counter() - t0)])
         print(rows[-1], flush=True)
     with open(LOG, "a") as f:
         f.write(json.dumps(dict(name="proxy", size=size, fractions=fractions, rows=rows)) + "\n")
     return 0
+
+
+def _proxy_errors(logits, h, w_down, size, fractions):
+    """Relative output error at each fraction, topk then the tau rule (tau bisected to it)."""
+    def err(keep):
+        y = F.linear(h, w_down)
+        ys = F.linear(h * keep.repeat_interleave(size, 1).float(), w_down)
+        return ((y - ys).square().sum() / y.square().sum()).item()
+
+    def tau_at(f):
+        lo, hi = 0.0, 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if select_experts(logits, mid).float().mean() < f else (lo, mid)
+        return (lo + hi) / 2
+
+    return [e for f in fractions
+            for e in (err(select_top_fraction(logits, f)), err(select_experts(logits, tau_at(f))))]
+
+
+def representative(cap, size=8, layers=range(0, 30, 3), fractions=(0.5, 0.8)):
+    """Screening as `proxy`, for a router that reads k neurons of each expert (their gate and up
+    rows: about the linear router's bytes at k = 1, and the kept experts' reps are computed
+    anyway): logits = a_e log(contribution of the expert's k best-tracking neurons) + b_e, fitted
+    on the sample; the neurons are the k whose log contribution |h_n| ||w_down[:, n]|| correlates
+    best with the expert's log importance."""
+    rows = []
+    for k in (1, 2):
+        per = []
+        for layer in layers:
+            p = prepared(size, cap)[layer]
+            hr = p["hr"][:2048]
+            per.append(_proxy_errors(_rep_router(p["h"], p["w_down"], size, k)(hr), hr,
+                                     p["w_down"], size, fractions))
+        rows.append([f"{k} representative neuron(s) per expert",
+                     *[round(v, 4) for v in np.mean(per, 0)]])
+        print(rows[-1], flush=True)
+    rows += _rank1_routers(cap, size, layers, fractions)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(name="representative", size=size, fractions=fractions,
+                                rows=rows)) + "\n")
+    return 0
+
+
+def _rank1_routers(cap, size, layers, fractions):
+    """The linear router (ridge + CE) plus, per expert, log |v_e x| of the rank-1 summary v_e of
+    its up rows (and log |silu(g_e x)| of its gate rows): what a linear router cannot see (|up x|
+    is even in x), for one or two more rows per expert; per-expert least squares on log shares."""
+    model, _ = models.load(MODEL)
+    blocks = mlps(model)
+    errors = {"linear (ridge + CE)": [], "+ rank-1 |up|": [], "+ rank-1 |up|, |silu(gate)|": []}
+    for layer in layers:
+        p = prepared(size, cap)[layer]
+        x, xr, hr = p["x"], p["xr"][:2048], p["hr"][:2048]
+        share = shares(p["h"], p["w_down"], size)
+        experts = share.shape[1]
+        w, b = soft_ce(x, share, *ridge_log(x, share))
+
+        def rank1(weight):
+            u, sv, vh = torch.linalg.svd(weight.detach()[p["perm"]].float().view(experts, size, -1),
+                                         full_matrices=False)
+            return vh[:, 0, :] * sv[:, :1]
+
+        up, gate = rank1(blocks[layer].up_proj.weight), rank1(blocks[layer].gate_proj.weight)
+
+        def columns(z, n_extra):
+            cols = [F.linear(z, w, b), (z @ up.t()).abs().clamp_min(1e-6).log(),
+                    F.silu(z @ gate.t()).abs().clamp_min(1e-6).log()][:1 + n_extra]
+            return torch.stack(cols + [torch.ones(z.shape[0], experts)], -1).transpose(0, 1)
+
+        target = share.clamp_min(1e-6 / experts).log().t()[:, :, None]
+        for n_extra, name in enumerate(errors):
+            if n_extra == 0:
+                logits = F.linear(xr, w, b)
+            else:
+                coef = torch.linalg.lstsq(columns(x, n_extra), target).solution
+                logits = (columns(xr, n_extra) @ coef).squeeze(-1).t()
+            errors[name].append(_proxy_errors(logits, hr, p["w_down"], size, fractions))
+    rows = [[name, *[round(v, 4) for v in np.mean(e, 0)]] for name, e in errors.items()]
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+def _rep_router(h, w_down, size, k):
+    n, d_ff = h.shape
+    experts = d_ff // size
+    norms = w_down.norm(dim=0)
+    imp = expert_importance(h, w_down, size)
+    log_c = (h.abs() * norms).clamp_min(1e-12).log().view(n, experts, size)
+    log_i = imp.clamp_min(1e-12).log()[:, :, None]
+    log_c, log_i = log_c - log_c.mean(0), log_i - log_i.mean(0)
+    corr = (log_c * log_i).sum(0) / (log_c.norm(dim=0) * log_i.norm(dim=0)).clamp_min(1e-12)
+    reps = (corr.topk(k, dim=1).indices + torch.arange(experts)[:, None] * size).flatten()
+
+    def features(hh):
+        c = (hh[:, reps].abs() * norms[reps]).view(hh.shape[0], experts, k)
+        return c.square().sum(-1).sqrt().clamp_min(1e-12).log()
+
+    f = features(h)
+    t = (imp / imp.sum(-1, keepdim=True)).clamp_min(1e-6 / experts).log()
+    a = ((f - f.mean(0)) * (t - t.mean(0))).sum(0) / (f - f.mean(0)).square().sum(0).clamp_min(1e-12)
+    b = t.mean(0) - a * f.mean(0)
+    return lambda hh: a * features(hh) + b
 
 
 def sensitivity(model, cap, val, size=8, fraction=0.5):
