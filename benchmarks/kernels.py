@@ -47,7 +47,7 @@ FRACTIONS = [0.125, 0.25, 0.5, 1.0]
 BATCHES = [1, 8]
 EXPERT_SIZE = 16
 TAU = 0.999
-PREFILL_TOKENS = [4, 8, 16, 64, 256]
+PREFILL_TOKENS = [1, 2, 3, 4, 8, 16, 64, 256]  # where cuBLAS starts to win: DENSE_ABOVE
 PREFILL_SHAPE = (4096, 14336)
 BRIEF_READ_BW = 4.39e12  # the bandwidth the targets were set with
 

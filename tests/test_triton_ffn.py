@@ -194,8 +194,9 @@ PLANS = [
     (1, dict(fuse_down=False, down_ks=1)),                       # down kernel, direct epilogue
     (1, dict(fuse_down=False, down_ks=3, down_block_d=16)),      # split-K down, column tiles
     (2, dict(up_sub=2, up_programs=5)),                          # many small programs
-    (3, dict(fused_select=True)),                                # fused selection, 3 tokens
-    (3, dict(fuse_down=False, down_ks=2, down_block_q=2)),       # CUDA-core down, split-K
+    (3, dict(dot=False, fused_select=True)),                     # fused selection, 3 tokens
+    (3, dict(dot=False, fuse_down=False, down_ks=2, down_block_q=2)),  # CUDA-core down, split-K
+    (3, dict()),                                                 # tensor cores from 3 tokens
     (8, dict(up_dot=False, down_dot=False, router_dot=False, tile_m=8, fuse_down=True)),
     (8, dict(up_block_k=16, down_block_q=16, down_block_d=16)),  # tensor cores, small blocks
     (16, dict(sel_n=4, down_ks=1)),

@@ -471,7 +471,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
 
     kind: "decode" (persistent programs, each a slice of the union's neurons, exactly balanced)
     or "prefill" (one program per token tile x 64-neuron block, like a grouped GEMM); None picks
-    decode up to DECODE_MAX_N tokens. dot: decode on tensor cores (None: above 4 tokens).
+    decode up to DECODE_MAX_N tokens. dot: decode on tensor cores (None: above 2 tokens).
     overrides: Plan fields."""
     n_exp = d_ff // expert_size
     e_pad = max(2, _pow2(n_exp))
@@ -483,7 +483,9 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         # CUDA-core FMAs cost 2N flops per weight byte pair; past ~4 tokens they stop hiding
         # under the loads, and tensor cores (tokens padded to 16) take over
         if dot is None:
-            dot = n_tokens > 4
+            # H100, 4096x14336, 25% active per token (GPU_RUNS.md): on CUDA cores 3 / 4 tokens took
+            # 246 / 292 us; on tensor cores (16-token tile) 8 / 16 tokens took 179 / 186 us
+            dot = n_tokens > 2
         tile_m = max(16, n_pad) if dot else n_pad
         up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
         # CUDA cores: [SUB, BLOCK_K] weight tiles of <= 8192 elements keep the one-token kernel
