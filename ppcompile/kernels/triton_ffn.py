@@ -480,11 +480,11 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         kind = "decode" if n_tokens <= DECODE_MAX_N else "prefill"
     if kind == "decode":
         n_pad = min(MAX_TILE_TOKENS, _pow2(n_tokens))
-        # CUDA-core FMAs cost 2N flops per weight byte pair; past ~4 tokens they stop hiding
-        # under the loads, and tensor cores (tokens padded to 16) take over
+        # CUDA-core FMAs cost 2N flops per weight byte pair; past 2 tokens they stop hiding
+        # under the loads, and tensor cores (tokens padded to 16) take over. H100, 4096x14336,
+        # 25% active per token (GPU_RUNS.md): on CUDA cores 3 / 4 tokens took 246 / 292 us; on
+        # tensor cores 8 / 16 tokens took 179 / 186 us
         if dot is None:
-            # H100, 4096x14336, 25% active per token (GPU_RUNS.md): on CUDA cores 3 / 4 tokens took
-            # 246 / 292 us; on tensor cores (16-token tile) 8 / 16 tokens took 179 / 186 us
             dot = n_tokens > 2
         tile_m = max(16, n_pad) if dot else n_pad
         up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
