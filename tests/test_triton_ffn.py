@@ -279,6 +279,36 @@ def test_many_tokens_run_the_reference(monkeypatch):
     assert counts[0] < counts[1] * 128
 
 
+def test_many_tokens_stay_symbolic():
+    """Traced with a symbolic token count past DENSE_ABOVE, the op guards only on that bound, so
+    one dynamic prefill graph serves every prompt length."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # a token count no other size shares (make_fx gives equal sizes one symbol)
+    ffn = make_ffn(2 * triton_ffn.DENSE_ABOVE + 5, 32, 64, 8, gated=True, biases=False, seed=5)
+    keys = ["x", "w_up", "w_gate", "w_down", "router_w", "router_b"]
+
+    def op(*tensors, tau):
+        return triton_ffn.sparse_ffn_triton(**dict(zip(keys, tensors)), b_up=None, b_gate=None,
+                                            b_down=None, tau=tau, activation="silu",
+                                            expert_size=8)
+
+    tau = tau_tensor(0.7)
+    gm = make_fx(lambda *t: op(*t[:-1], tau=t[-1]), tracing_mode="symbolic")(
+        *[ffn[k] for k in keys], tau)
+    placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in (triton_ffn.DENSE_ABOVE + 1, 3 * triton_ffn.DENSE_ABOVE):
+        other = make_ffn(n, 32, 64, 8, gated=True, biases=False, seed=5)
+        args = [other[k] for k in keys] + [tau]
+        assert gm.shape_env.evaluate_guards_for_args(placeholders, args), f"{n} tokens: recompile"
+        y, counts = gm(*args)
+        y_ref, counts_ref = sparse_ffn_reference(**other, tau=tau, activation="silu", expert_size=8)
+        assert torch.allclose(y, y_ref, atol=1e-5) and torch.equal(counts, counts_ref)
+    few = [ffn[k] for k in keys][1:]
+    assert not gm.shape_env.evaluate_guards_for_args(
+        placeholders, [make_ffn(4, 32, 64, 8, gated=True, biases=False)["x"], *few, tau])
+
+
 def test_oracle_and_unknown_methods():
     ffn = make_ffn(3, 32, 64, 8, gated=True, biases=True, seed=14)
     args = dict(**ffn, tau=tau_tensor(0.6), activation="silu", expert_size=8)

@@ -569,7 +569,9 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     tests); return_keep: also return the kept mask [N, E] bool the kernels used (tests)."""
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
-    n_tokens, d_ff, d_out = int(x2d.shape[0]), int(w_up.shape[0]), int(w_down.shape[0])
+    # the token count stays symbolic until the kernels need it: past DENSE_ABOVE (the only
+    # guard), one dynamic prefill graph serves every prompt length
+    n_tokens, d_ff, d_out = x2d.shape[0], int(w_up.shape[0]), int(w_down.shape[0])
     n_exp = d_ff // expert_size
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
@@ -577,12 +579,13 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
         raise ValueError(f"expert_size={expert_size} does not divide d_ff={d_ff}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    too_big = max(n_tokens * max(d, d_ff, d_out), d_ff * max(d, d_out)) >= MAX_OFFSET
+    too_big = n_tokens * max(d, d_ff, d_out) >= MAX_OFFSET or d_ff * max(d, d_out) >= MAX_OFFSET
     many = n_tokens > DENSE_ABOVE and config is None
     if method == "oracle" or n_exp > MAX_EXPERTS or too_big or many or n_tokens == 0:
         y, counts = sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
                                          router_b, tau, activation, expert_size, method)
         return (y, counts, None) if return_keep else (y, counts)
+    n_tokens = int(n_tokens)  # the launch plan is chosen per token count
     if not isinstance(tau, torch.Tensor):
         tau = torch.full((), float(tau), dtype=torch.float32, device=x.device)
     elif tau.device != x.device:
