@@ -92,3 +92,23 @@ def test_generate_static_cache_same_tokens_as_dense():
     assert counters["stats"]["unique_graphs"] == graphs, "set_tau between generate() recompiled"
     assert ppcompile.report(model).active_fraction < 1
     assert decoder.gpu_step_ms(prompt, steps=4) > 0  # the benchmark's GPU time per step
+
+
+def test_prompt_lengths_share_one_prefill_graph():
+    """Past 16 tokens the op guards only on "more than 16": once dynamo has made the prefill
+    graph dynamic (second prompt length), new prompt lengths reuse it."""
+    from ppcompile.bench import Decoder
+
+    model = gpu_model(dtype=torch.bfloat16)
+    decoder = Decoder(model, prompt_len=40, new_tokens=4)
+    model.forward = torch.compile(model.forward, backend="prunepath",
+                                  options={"tau": 0.7, "calibration": CALIB.repeat(1, 4),
+                                           "expert_size": 16})
+    prompts = [torch.randint(0, 128, (1, n), device="cuda") for n in (20, 24, 28, 36)]
+    for prompt in prompts[:2]:  # the second length makes the prefill graph dynamic
+        decoder.generate(prompt, 4)
+        decoder.generate(prompt, 4)  # after the weights' relayout
+    graphs = counters["stats"]["unique_graphs"]
+    for prompt in prompts[2:]:
+        decoder.generate(prompt, 4)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new prompt length recompiled"
