@@ -416,6 +416,8 @@ DESIGNS = {
     "ce8_topk_resid_8k": dict(size=8, router="ce", rule="topk", alloc="resid", tokens=8192),
     "oracle8_8k": dict(size=8, rule="oracle", tokens=8192),
     "static8_8k": dict(size=8, rule="static", tokens=8192),
+    "ce4_resid_8k": dict(size=4, router="ce", alloc="resid", tokens=8192),
+    "oracle4_8k": dict(size=4, rule="oracle", tokens=8192),
 }
 
 
