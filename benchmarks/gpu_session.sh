@@ -4,7 +4,8 @@
 #   SECTIONS="kernels:260 tests:120 decode-1b:190" bash benchmarks/gpu_session.sh
 # Sections: kernels (benchmarks/kernels.py), tests (tests/test_gpu.py), triton-tests
 # (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
-# DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25").
+# DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25"; KERNELS_ARGS to
+# kernels.py, e.g. "--skip decode sweep" for numerics and the many-token table only).
 # Logs and JSON go to $RESULTS and, packed, to $OUT/results.tgz (the device tool brings back at
 # most 8 files); commit them under benchmarks/results/ with the command that made them.
 set -uo pipefail
@@ -30,7 +31,7 @@ log "git $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/d
 for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
   name=${section%%:*} limit=${section#*:}
   case $name in
-    kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ;;
+    kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ${KERNELS_ARGS:-} ;;
     tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;
     triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ;;
     decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b ${DECODE_ARGS:-} --out "$RESULTS/decode_1b.json" ;;

@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton sparse-FFN kernels: one call on an H200, under 8 minutes.
 
-    python benchmarks/kernels.py --out DIR
+    python benchmarks/kernels.py --out DIR [--skip decode profile prefill sweep]
 
 Sections (each prints as it goes; later ones are skipped, with a note, past --budget-s):
  1. numerics: torch.ops.ppcompile.sparse_ffn_triton vs the torch reference (bf16 with 1/3/8/64
@@ -508,6 +508,9 @@ def main():
     ap.add_argument("--out", required=True, type=Path, help="directory for the JSON results")
     ap.add_argument("--budget-s", type=float, default=420,
                     help="skip the remaining optional sections past this many seconds")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["decode", "profile", "prefill", "sweep"], help="sections not to run (numerics and bandwidth always run), for a short "
+                    "call that checks one thing")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU and none is visible "
@@ -536,13 +539,16 @@ def main():
     meta = dict(gpu=props.name, torch=torch.__version__, bandwidth=bw, numerics=numerics)
     (args.out / "kernels_meta.json").write_text(json.dumps(meta, indent=1))
 
-    decode = bench_decode(clock, bw["read_bw"], l2_bytes, args.out / "kernels.json")
+    decode = [] if "decode" in args.skip else bench_decode(clock, bw["read_bw"], l2_bytes,
+                                                           args.out / "kernels.json")
 
-    sections = [("kernels_profile.json", profile_kernels, 40),
-                ("kernels_prefill.json", bench_prefill, 45),
-                ("kernels_sweep.json", sweep_plans, 60)]
+    sections = [("profile", "kernels_profile.json", profile_kernels, 40),
+                ("prefill", "kernels_prefill.json", bench_prefill, 45),
+                ("sweep", "kernels_sweep.json", sweep_plans, 60)]
     prefill = []
-    for filename, fn, needs_s in sections:
+    for name, filename, fn, needs_s in sections:
+        if name in args.skip:
+            continue
         if clock.left() < needs_s:
             clock.log(f"{filename}: skipped, {clock.left():.0f}s of budget left")
             continue
