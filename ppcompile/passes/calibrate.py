@@ -34,21 +34,31 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     batches = calibration_batches(gm, ctx)
     sampler = _Sampler(todo, len(batches), ctx.options)
     observed = _observed_copy(gm, todo, sampler)
-    state = [(t, t.clone()) for t in ctx.example_inputs
-             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+    restore_inputs = input_restorer(ctx)
     start = time.perf_counter()
     with torch.no_grad():
         for inputs in tqdm(batches, desc="ppcompile: calibrating", unit="batch", leave=False,
                            disable=len(batches) < 2):
             observed(*inputs)
             sampler.next_batch()
-            for tensor, saved in state:  # the graph may write its inputs (a KV cache): undo
-                tensor.copy_(saved)
+            restore_inputs()
     for ffn in todo:
         ffn.sample = sampler.result(ffn)
     print(f"ppcompile: calibrated {len(todo)} FFNs on {sampler.total_rows} tokens "
           f"({len(batches)} batches) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return gm
+
+
+def input_restorer(ctx):
+    """A function that undoes what a run of the graph wrote into its non-parameter inputs (a
+    static KV cache and its counters): call it after each calibration run."""
+    saved = [(t, t.clone()) for t in ctx.example_inputs
+             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+
+    def restore():
+        for tensor, value in saved:
+            tensor.copy_(value)
+    return restore
 
 
 def calibration_batches(gm: fx.GraphModule, ctx) -> list[list]:

@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask
 from ..plan import neuron_signature
-from .calibrate import calibration_batches
+from .calibrate import calibration_batches, input_restorer
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
@@ -204,15 +204,13 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batch = calibration_batches(gm, ctx)[0]
-    saved = [(t, t.clone()) for t in ctx.example_inputs
-             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+    restore_inputs = input_restorer(ctx)
     sparse = _sparse_copy(gm, planned)
 
     def outputs(module):
         out = [t.float() for t in tree_leaves(module(*batch))
                if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        for tensor, value in saved:  # the graph may write its inputs (a KV cache): undo
-            tensor.copy_(value)
+        restore_inputs()
         return out
 
     dense = outputs(gm)
