@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ppcompile import evaluate, models
 from ppcompile.kernels.reference import expert_importance, select_experts, select_top_fraction
 from ppcompile.passes.build_experts import _features, balanced_kmeans
+from ppcompile.passes.train_routers import fit_log_shares, refine_cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB_TEXT = ROOT / "calibration" / "text" / "wikitext2_calib.txt"
@@ -204,40 +205,6 @@ def shares(h, w_down, size, power=1.0):
     return imp / imp.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def ridge_log(x, share, ridge=1e-2, floor=1e-6):
-    x = x.double()
-    target = share.double().clamp_min(floor / share.shape[1]).log()
-    mean = x.mean(0)
-    xc = x - mean
-    gram = xc.t() @ xc
-    gram.diagonal().add_(ridge * gram.diagonal().mean())
-    w = torch.linalg.solve(gram, xc.t() @ (target - target.mean(0)))
-    b = target.mean(0) - mean @ w
-    return w.t().float(), b.float()
-
-
-def soft_ce(x, share, w0=None, b0=None, steps=100, weight_decay=1e-4, sample_weight=None):
-    """Minimise the cross-entropy of softmax(W x + b) to the share distribution (= KL up to a
-    constant), full batch L-BFGS from (w0, b0)."""
-    d, e = x.shape[1], share.shape[1]
-    w = (w0.clone() if w0 is not None else torch.zeros(e, d)).requires_grad_(True)
-    b = (b0.clone() if b0 is not None else torch.zeros(e)).requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe")
-    sw = None if sample_weight is None else sample_weight / sample_weight.mean()
-
-    def closure():
-        opt.zero_grad()
-        logp = F.linear(x, w, b).log_softmax(-1)
-        per = -(share * logp).sum(-1)
-        loss = (per if sw is None else per * sw).mean() + weight_decay * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
 def kept_share(logits, share, tau):
     """Mean over tokens of the true share of the experts the tau rule keeps on `logits`."""
     keep = select_experts(logits, tau)
@@ -290,7 +257,7 @@ def prepared(size, cap, features="abs", tokens=SAMPLE_TOKENS):
 
 
 def build(cap, size=16, rule="tau", router="ridge", power=1.0, alloc="global", tau_ref=0.9,
-          features="abs", tokens=SAMPLE_TOKENS, ridge=1e-2, temp=1.0, ce_steps=100):
+          features="abs", tokens=SAMPLE_TOKENS, temp=1.0, ce_steps=100):
     """The layers of one design (see DESIGNS)."""
     layers = []
     for p in prepared(size, cap, features, tokens):
@@ -299,9 +266,9 @@ def build(cap, size=16, rule="tau", router="ridge", power=1.0, alloc="global", t
         if rule == "static":
             layer.static = share.mean(0).log()[None]
         elif rule != "oracle":
-            w, b = ridge_log(p["x"], share, ridge=ridge)
+            w, b = fit_log_shares(p["x"], share)
             if router == "ce":
-                w, b = soft_ce(p["x"], share, w, b, steps=ce_steps)
+                w, b = refine_cross_entropy(p["x"], share, w, b, steps=ce_steps)
             elif router != "ridge":
                 raise ValueError(router)
             if alloc == "temp":
@@ -524,9 +491,9 @@ def proxy(cap, size=8, layers=range(0, 30, 3), fractions=(0.5, 0.8)):
     'oracle' ranks by the true output norms."""
     routers = {
         "ridge (log shares)": lambda x, s: (lambda w, b: lambda z: F.linear(z, w, b))(
-            *ridge_log(x, s)),
+            *fit_log_shares(x, s)),
         "ridge + cross-entropy (L-BFGS)": lambda x, s: (lambda w, b: lambda z: F.linear(z, w, b))(
-            *soft_ce(x, s, *ridge_log(x, s))),
+            *refine_cross_entropy(x, s, *fit_log_shares(x, s))),
         "MLP 512, cross-entropy (Adam)": _mlp_router,
     }
     rows = []
@@ -604,7 +571,7 @@ def _rank1_routers(cap, size, layers, fractions):
         x, xr, hr = p["x"], p["xr"][:2048], p["hr"][:2048]
         share = shares(p["h"], p["w_down"], size)
         experts = share.shape[1]
-        w, b = soft_ce(x, share, *ridge_log(x, share))
+        w, b = refine_cross_entropy(x, share, *fit_log_shares(x, share))
 
         def rank1(weight):
             u, sv, vh = torch.linalg.svd(weight.detach()[p["perm"]].float().view(experts, size, -1),

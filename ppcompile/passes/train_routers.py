@@ -107,14 +107,15 @@ def fit_router(x: torch.Tensor, share: torch.Tensor):
     return refine_cross_entropy(x, share, weight, bias)
 
 
-def refine_cross_entropy(x, share, weight, bias):
-    """Minimise mean_n -sum_e share log softmax(W x + b) + CE_DECAY ||W||^2 from (W, b)."""
+def refine_cross_entropy(x, share, weight, bias, steps: int = CE_STEPS):
+    """Minimise mean_n -sum_e share log softmax(W x + b) + CE_DECAY ||W||^2 from (W, b), with
+    `steps` L-BFGS iterations."""
     # the compile may run under no_grad or inference_mode; plain copies can be differentiated
     with torch.inference_mode(False), torch.enable_grad():
         x, share = x.float().clone(), share.float().clone()
         w = weight.float().clone().requires_grad_(True)
         b = bias.float().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=CE_STEPS, history_size=20,
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, history_size=20,
                                 line_search_fn="strong_wolfe")
 
         def loss():
