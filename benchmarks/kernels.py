@@ -390,13 +390,12 @@ def profile_kernels(clock, l2_bytes):
 SWEEP = {
     ((4096, 14336), 1): [
         {}, dict(up_sub=1), dict(up_sub=4), dict(up_programs_x=1), dict(up_programs_x=3),
-        dict(up_warps=4), dict(up_warps=16), dict(fused_select=False),
-        dict(fused_select=False, sel_warps=1), dict(router_block_e=1),
+        dict(up_warps=4), dict(up_warps=16), dict(fused_select=False), dict(router_block_e=1),
         dict(router_block_e=8),
     ],
     ((4096, 14336), 8): [
         {}, dict(dot=False), dict(router_dot=False, router_block_e=2, router_block_k=512),
-        dict(fused_select=True), dict(sel_warps=1), dict(sel_n=16), dict(up_programs_x=1),
+        dict(fused_select=True), dict(sel_n=16), dict(up_programs_x=1),
         dict(up_programs_x=4), dict(down_ks=4),
         dict(down_ks=16), dict(up_stages=4), dict(up_block_k=64),
     ],

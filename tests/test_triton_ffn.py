@@ -200,7 +200,7 @@ PLANS = [
     (8, dict(up_dot=False, down_dot=False, router_dot=False, tile_m=8, fuse_down=True)),
     (8, dict(up_block_k=16, down_block_q=16, down_block_d=16)),  # tensor cores, small blocks
     (16, dict(sel_n=4, down_ks=1)),
-    (12, dict(sel_n=16, sel_warps=1)),                           # one selection program a tile
+    (12, dict(sel_n=16)),                                        # one selection program a tile
     (40, dict(tile_m=16, down_ks=2)),                            # 3 token tiles, split-K
     (40, dict(tile_m=16, up_dot=False, down_dot=False, router_dot=False, up_sub=8,
               down_block_q=4, down_block_d=32)),                 # many tokens on CUDA cores

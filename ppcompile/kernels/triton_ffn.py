@@ -233,11 +233,8 @@ def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.
                      other=float("-inf"))
     keep = _select(logits, valid, rows < N, tl.load(tau_ptr), E, TOPK)
     bits = _token_bits(keep, rows % TILE_M, SEL_N)
-    if SEL_N == TILE_M:  # the whole tile: no other program writes these bits
-        tl.store(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=cols < E)
-    else:
-        tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits,
-                     mask=(cols < E) & (bits != 0), sem="relaxed")
+    tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
+                 sem="relaxed")
     n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
 
@@ -436,7 +433,6 @@ class Plan:
     router_block_k: int
     router_warps: int
     sel_n: int              # tokens per program of _select_kernel
-    sel_warps: int          # its warps (fewer warps: row reductions need fewer barriers)
     up_programs: int        # programs per token tile of _up_kernel
     up_sub: int             # compact neurons per step
     up_block_k: int
@@ -503,7 +499,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         base = dict(
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
-            router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1, sel_warps=4,
+            router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1,
             up_programs=2 * n_sm, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
@@ -519,7 +515,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             tile_m=tile_m, fused_select=False, fuse_down=False,
             up_dot=True, down_dot=True, router_dot=True,
             router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
-            sel_n=max(1, min(16, 8192 // e_pad)), sel_warps=4,
+            sel_n=max(1, min(16, 8192 // e_pad)),
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
             up_unit=up_sub, up_warps=4, up_stages=3,
             down_block_q=64, down_block_d=128,
@@ -659,7 +655,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     if not p.fused_select:
         wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
             logits, tau, bits, counts, n, n_exp, s,
-            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=p.sel_warps,
+            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=4,
         )
 
     # 3. up (+ down when fused)
