@@ -2,7 +2,8 @@
 # Everything the GPU machine checks and times, in sections with their own time limits, so that
 # one device call (10 minutes at most) runs several of them:
 #   SECTIONS="kernels:260 tests:120 decode-1b:190" bash benchmarks/gpu_session.sh
-# Sections: kernels (benchmarks/kernels.py), anatomy (benchmarks/anatomy.py), tests (tests/test_gpu.py), triton-tests
+# Sections: kernels (benchmarks/kernels.py), anatomy (benchmarks/anatomy.py), tests (tests/test_gpu.py), recompiles (the
+# prompt-length test with dynamo's recompile reasons), triton-tests
 # (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
 # DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25"; KERNELS_ARGS to
 # kernels.py, e.g. "--skip decode sweep" for numerics and the many-token table only).
@@ -33,6 +34,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
   case $name in
     kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ${KERNELS_ARGS:-} ;;
     anatomy)      step anatomy "$limit" python benchmarks/anatomy.py --out "$RESULTS" ;;
+    recompiles)   TORCH_LOGS=recompiles step recompiles "$limit" python -m pytest -q -x -s -p no:cacheprovider tests/test_gpu.py -k prompt_lengths ;;
     tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;
     triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ;;
     decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b ${DECODE_ARGS:-} --out "$RESULTS/decode_1b.json" ;;

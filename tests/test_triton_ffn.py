@@ -251,6 +251,45 @@ def test_ties_go_to_lower_index(n):
     assert (keep[:, :5].all()) and not keep[:, 5:].any()
 
 
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("kind", ["peaked", "tied_groups", "wide"])
+@pytest.mark.parametrize("method", ["prunepath", "topk"])
+def test_selection_on_hard_logits(kind, method, n):
+    """The kernels find the cut by a search over order-preserving int keys, not a sort. Hard
+    cases: most probabilities underflowing to 0 (peaked), groups of equal logits straddling
+    the cut (tied_groups), and 1024 experts (wide)."""
+    d_ff, s = (1024, 1) if kind == "wide" else (256, 8)
+    ffn = make_ffn(n, 32, d_ff, s, gated=True, biases=False, seed=21,
+                   spread=80.0 if kind == "peaked" else 2.0)
+    n_exp = d_ff // s
+    if kind == "tied_groups":
+        ffn["router_w"].zero_()
+        levels = torch.arange(n_exp) // 3  # groups of three equal logits
+        ffn["router_b"].copy_(levels[torch.randperm(n_exp, generator=torch.Generator()
+                                                    .manual_seed(3))].float() * 0.25)
+    for tau in (0.05, 0.5, 0.9, 0.999999):
+        if kind != "tied_groups":
+            _, _, keep = run_and_check(ffn, tau, "silu", s, method=method)
+            assert (keep.sum(1) >= 1).all()
+            continue
+        # the reference's torch.sort does not promise an order among equal values; the
+        # kernels take ties lowest index first, i.e. a stable descending sort
+        _, _, keep = triton_ffn.sparse_ffn_triton(**ffn, tau=tau_tensor(tau), activation="silu",
+                                                  expert_size=s, method=method, config={},
+                                                  return_keep=True)
+        logits = router_logits(ffn["x"], ffn["router_w"], ffn["router_b"])
+        score = logits.float().softmax(-1) if method == "prunepath" else logits.float()
+        ranked, order = score.sort(dim=-1, descending=True, stable=True)
+        if method == "prunepath":
+            kept_ranked = (ranked.cumsum(-1) - ranked) < tau
+        else:
+            kept_ranked = torch.arange(n_exp) < max(1, round(tau * n_exp))
+            kept_ranked = kept_ranked.expand_as(ranked)
+        expected = torch.zeros_like(kept_ranked).scatter(-1, order, kept_ranked)
+        near_cut = ((mass_before(logits) - tau).abs() <= BOUNDARY) & (method == "prunepath")
+        assert ((keep.cpu() == expected.cpu()) | near_cut.cpu()).all()
+
+
 @pytest.mark.parametrize("tau", [0.25, 0.3125, 0.4375, 1.0])  # E=8: 2, 2.5 -> 2, 3.5 -> 4, 8
 @pytest.mark.parametrize("n", [1, 3, 8, 40])
 @pytest.mark.parametrize("method", ["topk", "static"])
