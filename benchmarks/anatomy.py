@@ -35,7 +35,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernels import Weights, copies_for, time_calls  # noqa: E402
-from ppcompile.kernels.triton_ffn import _mac, _mac_nn, _select, select_candidates  # noqa: E402
+from ppcompile.kernels.triton_ffn import _mac, _mac_nn, _select  # noqa: E402
 
 SHAPES = [(4096, 14336), (576, 1536)]
 FRACTIONS = [0.0, 0.25, 0.5]   # 0.0: one expert (the fixed cost alone)
@@ -47,7 +47,7 @@ def _probe_kernel(x_ptr, wu_ptr, wg_ptr, wd_ptr, stride_df, logits_ptr, keep_ptr
                   acc_ptr, counter_ptr, y_ptr, scr_ptr, D, DO, E, S,
                   SELECT: tl.constexpr, STAGE: tl.constexpr, EPI: tl.constexpr,
                   SUB: tl.constexpr, BLOCK_K: tl.constexpr, DO_PAD: tl.constexpr,
-                  E_PAD: tl.constexpr, MAXE: tl.constexpr, CANDS: tl.constexpr):
+                  E_PAD: tl.constexpr, MAXE: tl.constexpr):
     p = tl.program_id(0)
     P = tl.num_programs(0)
     tok = tl.arange(0, 1)
@@ -56,7 +56,7 @@ def _probe_kernel(x_ptr, wu_ptr, wg_ptr, wd_ptr, stride_df, logits_ptr, keep_ptr
         valid = (tok[:, None] < 1) & (eidx[None, :] < E)
         logits = tl.load(logits_ptr + tok[:, None] * E + eidx[None, :], mask=valid,
                          other=float("-inf"))
-        keep = _select(logits, valid, tok < 1, tl.load(tau_ptr), E, False, CANDS)
+        keep = _select(logits, valid, tok < 1, tl.load(tau_ptr), E, False)
         active = tl.sum(keep.to(tl.int32), axis=0) != 0
     else:
         active = tl.load(keep_ptr + eidx, mask=eidx < E, other=0) != 0
@@ -160,8 +160,7 @@ def probe_call(x, w, logits, keep, tau, ws, n_exp, plan, select, stage, epi, pro
         ws["acc"], ws["counter"], ws["y"], ws["scr"], d, d_out, n_exp, EXPERT_SIZE,
         SELECT=select, STAGE=stage, EPI=epi, SUB=plan["sub"], BLOCK_K=plan["block_k"],
         DO_PAD=triton.next_power_of_2(d_out), E_PAD=max(2, triton.next_power_of_2(n_exp)),
-        MAXE=maxe, CANDS=select_candidates(1, max(2, triton.next_power_of_2(n_exp)), plan["warps"]),
-        num_warps=plan["warps"])
+        MAXE=maxe, num_warps=plan["warps"])
 
 
 def workspace(d_out, programs, n_exp, device):

@@ -133,67 +133,41 @@ def _zero(ptr, n, lin, nprog, ZBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr, CANDS: tl.constexpr):
+def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     """Kept mask of logits [BLOCK_N, E_PAD] (valid: real token and expert; row_ok: real token).
 
-    Default: reference.select_experts: softmax, rank descending, keep rank r iff the mass of the
+    Default: reference.select_experts: softmax, sort descending, keep rank r iff the mass of the
     ranks above it is < tau (or tau >= 1). TOPK: reference.select_top_fraction: the
-    round(tau * E) highest logits, at least one. Experts tied at the cut are taken lowest index
-    first. No sort (a 1024-wide tl.sort took ~6 us per call on an H100, benchmarks/anatomy.py):
-    experts get int32 keys with the order of their scores, and a CANDS-ary search over keys finds
-    b, the least key whose "weight strictly above" (softmax mass, or expert count for TOPK) is
-    below the target; every expert keyed >= b is then kept, up to ties at the cut.
+    round(tau * E) highest logits, at least one. Either way one fp32 sort gives the kept count,
+    the cut becomes a threshold value, and experts tied with it are taken lowest index first.
     Takes values, not pointers: Inductor's mutation analysis counts every pointer that reaches a
     store address through a call as written (tau, a graph input, would be cloned per call)."""
     if TOPK:
+        score = tl.where(valid, logits, float("-inf"))
+        ranked = tl.sort(score, dim=1, descending=True)
         # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
         v = tau.to(tl.float64) * n_exp
         whole = v.to(tl.int64)
         frac = v - whole.to(tl.float64)
         k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
         k = tl.minimum(tl.maximum(k, 1), n_exp)
-        bits = (logits + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        weight = valid.to(tl.float32)
-        target = k.to(tl.float32)
+        kept_ranked = (tl.arange(0, logits.shape[1])[None, :] < k) & row_ok[:, None]
     else:
         top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
         ex = tl.exp(logits - top[:, None])
         z = tl.sum(ex, axis=1)
-        weight = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], 0.0)
-        key = weight.to(tl.int32, bitcast=True)  # probabilities are >= 0: bits keep the order
-        target = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
-    # invariant: weight above lo >= target (or lo is below every key), weight above hi < target
-    lo = tl.min(tl.where(valid, key, 2147483647), axis=1).to(tl.int64) - 1
-    hi = tl.max(tl.where(valid, key, -2147483647), axis=1).to(tl.int64)
-    hi = tl.where(row_ok, hi, lo + 1)
-    c = tl.arange(0, CANDS)
-    while tl.max(hi - lo, axis=0) > 1:
-        step = (hi - lo + CANDS - 1) // CANDS
-        cand = tl.minimum(lo[:, None] + step[:, None] * (c[None, :] + 1), hi[:, None])
-        w_above = tl.sum(tl.where(key[:, None, :] > cand.to(tl.int32)[:, :, None],
-                                  weight[:, None, :], 0.0), axis=2)
-        first = tl.min(tl.where(w_above < target, c[None, :], CANDS - 1), axis=1)
-        new_lo = tl.sum(tl.where(c[None, :] == first[:, None] - 1, cand, 0), axis=1)
-        lo = tl.where(first == 0, lo, new_lo)
-        hi = tl.sum(tl.where(c[None, :] == first[:, None], cand, 0), axis=1)
-    # the cut: the least key kept; ties with it in index order while they still fit
-    cut = tl.min(tl.where(valid & (key >= hi.to(tl.int32)[:, None]), key, 2147483647), axis=1)
-    above = valid & (key > cut[:, None])
-    tie = valid & (key == cut[:, None])
+        score = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], -1.0)
+        ranked = tl.sort(score, dim=1, descending=True)  # padding (-1) sorts last
+        mass_before = tl.cumsum(ranked, axis=1) - ranked
+        cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
+        kept_ranked = (mass_before < cut) & (ranked >= 0.0)
+    n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
+    threshold = tl.min(tl.where(kept_ranked, ranked, float("inf")), axis=1)
+    above = valid & (score > threshold[:, None])
+    tie = valid & (score == threshold[:, None])
+    ties_needed = n_kept - tl.sum(above.to(tl.int32), axis=1)
     tie_order = tl.cumsum(tie.to(tl.int32), axis=1)
-    if TOPK:
-        fits = tie_order <= (k - tl.sum(above.to(tl.int32), axis=1))[:, None]
-    else:
-        mass_above = tl.sum(tl.where(above, weight, 0.0), axis=1)
-        p_cut = tl.max(tl.where(tie, weight, 0.0), axis=1)
-        fits = (mass_above[:, None] + (tie_order - 1).to(tl.float32) * p_cut[:, None]) < target
-    return above | (tie & fits)
-
-
-def select_candidates(rows: int, e_pad: int, num_warps: int) -> int:
-    """CANDS of _select: about 64 fp32 values per thread for the [rows, CANDS, E_PAD] step."""
-    return max(2, min(32, _floor_pow2(64 * 32 * num_warps // (rows * e_pad))))
+    return above | (tie & (tie_order <= ties_needed[:, None]))
 
 
 @triton.jit
@@ -249,8 +223,7 @@ def _router_kernel(
 
 @triton.jit
 def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
-                   TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr,
-                   CANDS: tl.constexpr):
+                   TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr):
     # SEL_N divides TILE_M: all tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
     rows = row0 + tl.arange(0, SEL_N)
@@ -258,7 +231,7 @@ def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.
     valid = (rows[:, None] < N) & (cols[None, :] < E)
     logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=valid,
                      other=float("-inf"))
-    keep = _select(logits, valid, rows < N, tl.load(tau_ptr), E, TOPK, CANDS)
+    keep = _select(logits, valid, rows < N, tl.load(tau_ptr), E, TOPK)
     bits = _token_bits(keep, rows % TILE_M, SEL_N)
     tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
                  sem="relaxed")
@@ -281,7 +254,6 @@ def _up_kernel(
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
-    CANDS: tl.constexpr,
 ):
     # K_STEPS = cdiv(D, BLOCK_K) as a constant: with one step the K loop disappears and all of a
     # block's weight loads (gate, up and, fused, down) are issued together
@@ -299,7 +271,7 @@ def _up_kernel(
         valid = row_ok[:, None] & (eidx[None, :] < E)
         logits = tl.load(logits_ptr + rows[:, None] * E + eidx[None, :], mask=valid,
                          other=float("-inf"))
-        keep = _select(logits, valid, row_ok, tl.load(tau_ptr), E, TOPK, CANDS)
+        keep = _select(logits, valid, row_ok, tl.load(tau_ptr), E, TOPK)
         bits = _token_bits(keep, tok, BLOCK_N)
         if p == 0:
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
@@ -683,8 +655,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     if not p.fused_select:
         wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
             logits, tau, bits, counts, n, n_exp, s,
-            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad,
-            CANDS=select_candidates(p.sel_n, e_pad, 4), num_warps=4,
+            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=4,
         )
 
     # 3. up (+ down when fused)
@@ -706,7 +677,6 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
         E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit,
-        CANDS=select_candidates(p.tile_m, e_pad, p.up_warps),
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
 
