@@ -387,23 +387,22 @@ def profile_kernels(clock, l2_bytes):
 # 6. plan sweep
 
 
+# (shape, batch) -> (active fractions, plan changes); 0.0 keeps one expert (the fixed cost alone).
+# Run 6 swept single knobs at 25% (GPU_RUNS.md); this sweep pairs one program per SM with more
+# warps: the per-program selection is a sort bound by its shuffles (1 warp: 91 us vs 52 at 8),
+# and two programs per SM sort at the same time.
 SWEEP = {
-    ((4096, 14336), 1): [
-        {}, dict(up_sub=1), dict(up_sub=4), dict(up_programs_x=1), dict(up_programs_x=3),
-        dict(up_warps=4), dict(up_warps=16), dict(fused_select=False), dict(router_block_e=1),
-        dict(router_block_e=8),
-    ],
-    ((4096, 14336), 8): [
-        {}, dict(dot=False), dict(router_dot=False, router_block_e=2, router_block_k=512),
-        dict(fused_select=True), dict(sel_n=16), dict(up_programs_x=1),
-        dict(up_programs_x=4), dict(down_ks=4),
-        dict(down_ks=16), dict(up_stages=4), dict(up_block_k=64),
-    ],
-    ((576, 1536), 1): [
-        {}, dict(up_programs=8), dict(up_programs=33), dict(up_programs=132),
-        dict(up_programs=264), dict(up_sub=2), dict(up_sub=16), dict(fuse_down=False),
-        dict(up_warps=4),
-    ],
+    ((4096, 14336), 1): ([0.0, 0.25, 0.5], [
+        {}, dict(up_programs_x=1, up_warps=16), dict(up_programs_x=1, up_warps=16, up_sub=4),
+        dict(up_programs_x=1, up_warps=16, up_sub=1), dict(up_programs_x=2, up_warps=16),
+    ]),
+    ((4096, 11008), 1): ([0.25, 0.5], [
+        {}, dict(up_programs_x=1, up_warps=16), dict(up_programs_x=1, up_warps=16, up_sub=4),
+    ]),
+    ((576, 1536), 1): ([0.25], [
+        {}, dict(up_programs_x=1), dict(up_programs_x=1, up_warps=16), dict(up_programs=66),
+        dict(up_programs=66, up_warps=16), dict(up_programs_x=1, up_warps=4),
+    ]),
 }
 
 
@@ -413,29 +412,31 @@ def sweep_plans(clock, l2_bytes):
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     with direct_launches() as tf:
-        for ((d, d_ff), batch), configs in SWEEP.items():
+        for ((d, d_ff), batch), (fractions, configs) in SWEEP.items():
             copies = copies_for(d, d_ff, l2_bytes)
             weights = Weights(d, d_ff, copies)
-            x, routers, _, _ = routed_inputs(d, weights.n_exp, batch, 0.25, copies, gen)
-            for cfg in configs:
-                if clock.left() < 10:
-                    clock.log("sweep: out of time budget, rest skipped")
-                    return out
-                config = dict(cfg)
-                if "up_programs_x" in config:
-                    config["up_programs"] = config.pop("up_programs_x") * n_sm
-                try:
-                    us = time_calls([lambda w=w, r=r: tf.sparse_ffn_triton(
-                        x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", EXPERT_SIZE,
-                        config=config) for w, r in zip(weights.sets, routers)])
-                except Exception as e:  # a config the table would never pick may not compile
-                    us = None
-                    clock.log(f"sweep {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                full = tf.plan(batch, d, d, d_ff, EXPERT_SIZE, n_sm, **config)
-                out.append(dict(shape=f"{d}x{d_ff}", batch=batch, active_fraction=0.25,
-                                change=cfg, ours_us=us, plan=full.__dict__))
-                clock.log(f"sweep {d}x{d_ff} b{batch} {cfg or 'default'}: "
-                          f"{'failed' if us is None else f'{us:.1f} us'}")
+            for fraction in fractions:
+                x, routers, _, _ = routed_inputs(d, weights.n_exp, batch,
+                                                 fraction or 1 / weights.n_exp, copies, gen)
+                for cfg in configs:
+                    if clock.left() < 10:
+                        clock.log("sweep: out of time budget, rest skipped")
+                        return out
+                    config = dict(cfg)
+                    if "up_programs_x" in config:
+                        config["up_programs"] = config.pop("up_programs_x") * n_sm
+                    try:
+                        us = time_calls([lambda w=w, r=r: tf.sparse_ffn_triton(
+                            x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", EXPERT_SIZE,
+                            config=config) for w, r in zip(weights.sets, routers)])
+                    except Exception as e:  # a config the table would never pick may fail
+                        us = None
+                        clock.log(f"sweep {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                    full = tf.plan(batch, d, d, d_ff, EXPERT_SIZE, n_sm, **config)
+                    out.append(dict(shape=f"{d}x{d_ff}", batch=batch, active_fraction=fraction,
+                                    change=cfg, ours_us=us, plan=full.__dict__))
+                    clock.log(f"sweep {d}x{d_ff} b{batch} f{fraction} {cfg or 'default'}: "
+                              f"{'failed' if us is None else f'{us:.1f} us'}")
             del weights
             torch.cuda.empty_cache()
     return out
