@@ -493,6 +493,10 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         # router: enough programs to stream router_w at full bandwidth; tensor cores when the
         # experts do (CUDA-core FMAs over 8 tokens took 17 us for a 7 MB router on an H100)
         router_dot = dot
+        # one program per SM when few neurons per program remain (the per-program sort then
+        # dominates): 576x1536 at 25%, H100: 11.3 us vs 13.1 with two (run 13); for 4096-wide
+        # FFNs one per SM was slower at 25-50%, with 8 or 16 warps (runs 6 and 13)
+        up_programs = n_sm if not dot and d_ff < 32 * n_sm else 2 * n_sm
         rbe = max(1, min(16, _floor_pow2(n_exp // (2 * n_sm)))) if n_exp >= 4 * n_sm else 1
         rbe = 16 if router_dot else rbe
         rbk = min(d_pad, 256) if router_dot else min(d_pad, max(64, 8192 // (n_pad * rbe)))
@@ -500,7 +504,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
             router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1,
-            up_programs=2 * n_sm, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
+            up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
             down_block_d=down_block_d, down_ks=max(1, (2 * n_sm) // n_dtiles),
