@@ -44,19 +44,23 @@ def ffn_hidden(x, w_up, b_up, w_gate, b_gate, activation):
 
 def select_experts(logits: torch.Tensor, tau) -> torch.Tensor:
     """Bool mask [N, E] of kept experts: per row, the top-ranked experts until the softmax mass
-    of the ones ranked above reaches tau. tau may be a float or a 0-d tensor."""
+    of the ones ranked above reaches tau. tau may be a float or a 0-d tensor. Equal
+    probabilities rank lowest index first (a stable sort: CUDA's default sort orders ties
+    otherwise), as the kernels do."""
     p = logits.float().softmax(-1)
-    sorted_p, order = p.sort(-1, descending=True)
+    sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
     mass_before = sorted_p.cumsum(-1) - sorted_p
     keep_sorted = (mass_before < tau) | (torch.as_tensor(tau) >= 1.0)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def select_top_fraction(logits: torch.Tensor, fraction) -> torch.Tensor:
-    """Bool mask [N, E] keeping each row's round(fraction * E) highest logits (at least one)."""
+    """Bool mask [N, E] keeping each row's round(fraction * E) highest logits (at least one;
+    ties lowest index first)."""
     experts = logits.shape[-1]
     k = max(1, min(experts, round(float(fraction) * experts)))
-    top = logits.float().topk(k, dim=-1).indices
+    # a stable sort, not topk: equal logits go lowest index first on every device
+    top = logits.float().sort(dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, top, True)
 
 

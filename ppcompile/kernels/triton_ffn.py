@@ -544,6 +544,12 @@ def _check(p: Plan, n_tokens: int):
                          f"of sel_n={p.sel_n}")
     if p.fused_select and n_tokens > p.tile_m:
         raise ValueError("plan: fused_select needs all tokens in one tile")
+    if not p.fuse_down and not p.down_dot and p.tile_m > 8:
+        # measured wrong on an H100 (Triton 3.6, run 15): the CUDA-core down kernel with 16+
+        # token tiles, whatever its block sizes or warps; right with 8, and in the interpreter.
+        # No default plan runs it (1-2 tokens fuse the down projection or use 2-token tiles)
+        raise ValueError(f"plan: the CUDA-core down kernel needs tile_m <= 8, got {p.tile_m} "
+                         "(use down_dot=True for larger tiles)")
     if p.fuse_down and (p.up_dot or n_tokens > p.tile_m):
         raise ValueError("plan: fuse_down needs the CUDA-core up kernel and one tile")
     dots = [p.up_dot and (p.tile_m < 16 or p.up_sub < 16 or p.up_block_k < 16),
