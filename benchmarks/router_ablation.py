@@ -237,6 +237,7 @@ def rel_error(x, h, layer, w_down, knob):
 # ---------------------------------------------------------------- designs
 
 _PERMS = {}
+_ROUTERS = {}
 
 
 def prepared(size, cap, features="abs", tokens=SAMPLE_TOKENS):
@@ -266,11 +267,15 @@ def build(cap, size=16, rule="tau", router="ridge", power=1.0, alloc="global", t
         if rule == "static":
             layer.static = share.mean(0).log()[None]
         elif rule != "oracle":
-            w, b = fit_log_shares(p["x"], share)
-            if router == "ce":
-                w, b = refine_cross_entropy(p["x"], share, w, b, steps=ce_steps)
-            elif router != "ridge":
-                raise ValueError(router)
+            key = (size, features, tokens, power, router, ce_steps, len(layers))
+            if key not in _ROUTERS:  # designs that differ only after the fit share it
+                w, b = fit_log_shares(p["x"], share)
+                if router == "ce":
+                    w, b = refine_cross_entropy(p["x"], share, w, b, steps=ce_steps)
+                elif router != "ridge":
+                    raise ValueError(router)
+                _ROUTERS[key] = w, b
+            w, b = _ROUTERS[key]
             if alloc == "temp":
                 a = temperature_for(p["x"], w, b, share, tau_ref)
                 w, b = w * a, b * a
@@ -349,6 +354,86 @@ def _equal_fraction_map(layer, x, h):
     return lambda f: float(np.interp(f, fr + np.arange(len(fr)) * 1e-9, g))
 
 
+def finetune_e2e(model, layers, fit, prep, epochs=2, lr=1e-3, grad="st", temp=0.05,
+                 fractions=(0.4, 0.95), batch=4, seed=0, loss="kl"):
+    """End-to-end router fine-tuning: the model's weights frozen, the routers (W, b) trained by
+    Adam to minimise KL(dense || sparse) of the next-token distributions on the fitting windows.
+    Forward: each FFN keeps experts by the cumulative-mass rule at the threshold that keeps, on
+    this batch, the fraction its layer budget gives it at a mean fraction drawn uniformly from
+    `fractions` (so the training cannot buy quality with a larger budget). Backward ("st"):
+    y = sum_e (keep_e + p_e - sg(p_e)) y_e, i.e. dL/dp_e = dL/dy . y_e; ("soft"):
+    sigmoid((threshold - mass ranked above e) / temp) in place of p_e. Then the layer budget is
+    refitted on the trained routers (dense calibration inputs, as the pass does). loss="mse":
+    mean squared error of the logits instead of the KL."""
+    if loss not in ("kl", "mse") or grad not in ("st", "soft"):
+        raise ValueError(f"finetune_e2e: loss {loss!r} / grad {grad!r}")
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    curves = [layer_curves(layer, p, "resid") for layer, p in zip(layers, prep)]
+    grid = TAU_GRID.numpy()
+    with torch.no_grad():
+        teacher = torch.cat([model(input_ids=b, use_cache=False).logits for b in fit.split(batch)])
+        if loss == "kl":
+            teacher = teacher.log_softmax(-1)
+    params = []
+    for layer in layers:
+        layer.router_w = layer.router_w.clone().requires_grad_(True)
+        layer.router_b = layer.router_b.clone().requires_grad_(True)
+        params += [layer.router_w, layer.router_b]
+    opt = torch.optim.Adam(params, lr)
+    target = {}
+
+    def forward_of(mlp, i, layer):
+        def forward(x):
+            x2 = x.reshape(-1, x.shape[-1])
+            h = (mlp.act_fn(mlp.gate_proj(x2)) * mlp.up_proj(x2))[:, layer.perm]
+            p = F.linear(x2, layer.router_w, layer.router_b).softmax(-1)
+            ps, order = p.sort(-1, descending=True)
+            before = torch.empty_like(p).scatter(-1, order, ps.cumsum(-1) - ps)
+            k = max(1, min(before.numel(), math.ceil(target[i] * before.numel())))
+            threshold = before.detach().flatten().kthvalue(k).values
+            keep = (before.detach() <= threshold).float()
+            soft = p if grad == "st" else torch.sigmoid((threshold - before) / temp)
+            mask = keep + soft - soft.detach()
+            y = F.linear(h * mask.repeat_interleave(layer.size, 1), layer.w_down)
+            return y.reshape(*x.shape[:-1], -1)
+        return forward
+
+    for i, (mlp, layer) in enumerate(zip(mlps(model), layers)):
+        mlp.forward = forward_of(mlp, i, layer)
+    start = time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            total, steps = 0.0, 0
+            order = torch.randperm(len(fit), generator=gen)
+            for s in range(0, len(fit) - batch + 1, batch):
+                idx = order[s:s + batch]
+                f = fractions[0] + (fractions[1] - fractions[0]) * torch.rand(1, generator=gen).item()
+                for i, layer in enumerate(layers):
+                    target[i] = float(np.interp(layer.tau(f), grid, curves[i][0]))
+                out = model(input_ids=fit[idx], use_cache=False).logits
+                t = teacher[idx]
+                if loss == "kl":
+                    value = (t.exp() * (t - out.log_softmax(-1))).sum(-1).mean()
+                else:
+                    value = (out - t).square().mean()
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+                total, steps = total + value.item(), steps + 1
+            print(f"  e2e epoch {epoch}: mean {loss} {total / steps:.4f} "
+                  f"[{time.perf_counter() - start:.0f} s]", flush=True)
+    finally:
+        for mlp in mlps(model):
+            del mlp.forward
+    for layer in layers:
+        layer.router_w, layer.router_b = layer.router_w.detach(), layer.router_b.detach()
+    new_curves = [layer_curves(layer, p, "resid") for layer, p in zip(layers, prep)]
+    for layer, m in zip(layers, allocation_maps(new_curves)):
+        layer.tau_map = m
+
+
 DESIGNS = {
     # name: build kwargs
     "oracle16": dict(size=16, rule="oracle"),
@@ -385,13 +470,28 @@ DESIGNS = {
     "static8_8k": dict(size=8, rule="static", tokens=8192),
     "ce4_resid_8k": dict(size=4, router="ce", alloc="resid", tokens=8192),
     "oracle4_8k": dict(size=4, rule="oracle", tokens=8192),
+    # end-to-end router fine-tuning (finetune_e2e) on top of ce8_resid_8k
+    "e2e_st": dict(size=8, router="ce", alloc="resid", tokens=8192, e2e=dict()),
+    "e2e_soft": dict(size=8, router="ce", alloc="resid", tokens=8192, e2e=dict(grad="soft")),
+    "e2e_st_ep4": dict(size=8, router="ce", alloc="resid", tokens=8192, e2e=dict(epochs=4)),
+    "e2e_st_b8": dict(size=8, router="ce", alloc="resid", tokens=8192, e2e=dict(batch=8)),
+    "e2e_st_b8_lr3": dict(size=8, router="ce", alloc="resid", tokens=8192,
+                          e2e=dict(batch=8, lr=3e-3)),
+    "e2e_st_mse": dict(size=8, router="ce", alloc="resid", tokens=8192, e2e=dict(loss="mse")),
+    "e2e_st_ridge": dict(size=8, alloc="resid", tokens=8192, e2e=dict()),
 }
 
 
-def run_design(name, model, cap, val, targets=TARGETS, spread=0.04, fractions=None):
-    kwargs = DESIGNS[name]
+def run_design(name, model, cap, val, targets=TARGETS, spread=0.04, fractions=None,
+               fit=None):
+    kwargs = dict(DESIGNS[name])
+    e2e = kwargs.pop("e2e", None)
     t0 = time.perf_counter()
     layers = build(cap, **kwargs)
+    if e2e is not None:
+        finetune_e2e(model, layers, fit, prepared(kwargs.get("size", 16), cap,
+                                                 kwargs.get("features", "abs"),
+                                                 kwargs.get("tokens", SAMPLE_TOKENS)), **e2e)
     fit_s = time.perf_counter() - t0
     prep = prepared(kwargs.get("size", 16), cap, kwargs.get("features", "abs"),
                     kwargs.get("tokens", SAMPLE_TOKENS))
@@ -415,7 +515,7 @@ def run_design(name, model, cap, val, targets=TARGETS, spread=0.04, fractions=No
     pts = sorted((p["active"], p["ppl"]) for p in points)
     xsv, ysv = np.array([p[0] for p in pts]), np.log([p[1] for p in pts])
     at = {str(t): float(np.exp(np.interp(t, xsv, ysv))) for t in targets}
-    row = dict(name=name, kwargs=kwargs, fit_seconds=round(fit_s, 1), at=at, points=points,
+    row = dict(name=name, kwargs=DESIGNS[name], fit_seconds=round(fit_s, 1), at=at, points=points,
                val_windows=len(val))
     with open(LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -461,7 +561,8 @@ def main():
     if args.cmd == "sensitivity":
         return sensitivity(model, cap, val)
     for name in args.names:
-        run_design(name, model, cap, val, tuple(args.targets), fractions=args.fractions)
+        run_design(name, model, cap, val, tuple(args.targets), fractions=args.fractions,
+                   fit=fit)
     return 0
 
 
