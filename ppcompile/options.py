@@ -37,6 +37,12 @@ class Options:
         (calibration runs on all tokens, but keeps at most this many per FFN in memory: about
         4 * n * (d + d_ff) bytes per FFN). Routers are data-limited: 8192 measured clearly
         better than 4096 on SmolLM2-135M (benchmarks/results/router_ablation.md).
+    distill_epochs: int >= 0. Passes over the calibration data of end-to-end router
+        fine-tuning (pass distill_routers: all routers trained together on the model's own
+        outputs, KL to the dense model for language models); 0 keeps the per-layer fits. On
+        SmolLM2-135M 2 epochs took the perplexity ratio at 50% active from 2.75 to 2.25
+        (benchmarks/results/router_ablation.md, section F). Kept only if a calibration batch
+        shows it helps.
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -58,6 +64,7 @@ class Options:
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
     expert_size: int = 8
     calibration_tokens: int = 8192
+    distill_epochs: int = 2
     seed: int = 0
     method: str = "prunepath"
     plan: str | os.PathLike | None = None
@@ -73,6 +80,7 @@ class Options:
             )
         _check_int(self, "expert_size", 1)
         _check_int(self, "calibration_tokens", 64)
+        _check_int(self, "distill_epochs", 0)
         _check_int(self, "seed", None)
         if self.plan is not None and not isinstance(self.plan, (str, os.PathLike)):
             raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
@@ -102,7 +110,7 @@ class Options:
 
     def plan_key(self) -> tuple:
         """The options that shape a plan (permutation and routers); tau and method are not."""
-        return (self.expert_size, self.calibration_tokens, self.seed)
+        return (self.expert_size, self.calibration_tokens, self.distill_epochs, self.seed)
 
     def replace(self, **changes) -> Options:
         return dataclasses.replace(self, **changes)

@@ -61,10 +61,12 @@ def save_plan(compiled, path) -> None:
     if not states:
         raise ValueError("ppcompile: this model has no plan yet: compile it and call it once first")
     keys = {s.plan_key for s in states}
-    (expert_size, calibration_tokens, seed), = keys if len(keys) == 1 else [states[0].plan_key]
+    (expert_size, calibration_tokens, distill_epochs, seed), = \
+        keys if len(keys) == 1 else [states[0].plan_key]
     fingerprint = plans.graph_fingerprint([], [s.signature for s in states])
     plans.save(path, states, fingerprint, dict(expert_size=expert_size,
-                                               calibration_tokens=calibration_tokens, seed=seed))
+                                               calibration_tokens=calibration_tokens,
+                                               distill_epochs=distill_epochs, seed=seed))
 
 
 def report(compiled) -> Report:

@@ -18,6 +18,8 @@ from tiny_models import tiny_model
     ({"expert_size": 0}, ["'expert_size'", ">= 1", "0"]),
     ({"expert_size": 8.0}, ["'expert_size'", "int", "float"]),
     ({"calibration_tokens": 10}, ["'calibration_tokens'", ">= 64"]),
+    ({"distill_epochs": -1}, ["'distill_epochs'", ">= 0", "-1"]),
+    ({"distill_epochs": 1.5}, ["'distill_epochs'", "int", "float"]),
     ({"method": "top-k"}, ["'method'", "'prunepath'", "'topk'", "'static'", "'oracle'", "top-k"]),
     ({"calibration": [[1, 2, 3]]}, ["'calibration'", "torch.Tensor", "list"]),
 ])

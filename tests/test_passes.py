@@ -12,8 +12,8 @@ from conftest import capture, logits_of, rel_err
 from ppcompile.ffn import REGISTRY
 from ppcompile.graph import graph_tensors
 from ppcompile.options import Options
-from ppcompile.passes import (Context, attach_plans, build_experts, calibrate, find_ffns,
-                              rewrite, train_routers)
+from ppcompile.passes import (Context, attach_plans, build_experts, calibrate, distill_routers,
+                              find_ffns, rewrite, train_routers)
 from ppcompile.passes.build_experts import balanced_assign, balanced_kmeans
 from ppcompile.passes.calibrate import residual_add
 from ppcompile.passes.train_routers import TAU_GRID, layer_budgets
@@ -134,7 +134,71 @@ def test_train_routers_registers_one_state_per_ffn():
     states = REGISTRY.states_of(list(model.parameters()))
     assert len(states) == 2 and states[0] is not states[1]
     assert states[0].router_w.shape == (128 // 8, 32)
-    assert all(f.state is not None and f.sample is None for f in gm.meta["ppcompile_ffns"])
+    # the samples stay for distill_routers, which releases them
+    assert all(f.state is not None and f.sample is not None for f in gm.meta["ppcompile_ffns"])
+
+
+def planned_graph(**options):
+    model, gm, ctx = setup("llama", tau=0.5, **options)
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
+        gm = p(gm, ctx)
+    return model, gm, ctx
+
+
+def test_distill_routers_trains_only_routers_and_keeps_them_only_if_they_help():
+    model, gm, ctx = planned_graph(distill_epochs=3)
+    states = [f.state for f in gm.meta["ppcompile_ffns"]]
+    fitted = [(s.router_w.clone(), s.router_b.clone()) for s in states]
+    tensors = [s.router_w for s in states]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = op_counts(gm)
+    gm = distill_routers(gm, ctx)
+    assert op_counts(gm) == counts
+    assert all(f.sample is None for f in gm.meta["ppcompile_ffns"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert [s.router_w for s in states] == tensors  # updated in place
+    report = gm.meta["ppcompile_distill"]
+    assert len(report["losses"]) == 3  # 384 tokens per epoch: one update each
+    changed = [not torch.equal(s.router_w, w) for s, (w, _) in zip(states, fitted)]
+    if report["kept"]:
+        assert all(changed) and report["error_distilled"] < report["error_fitted"]
+    else:
+        assert not any(changed) and report["error_distilled"] >= report["error_fitted"]
+    for s in states:
+        s.set_tau(1.0)
+    assert all(float(s.tau) == 1.0 for s in states)
+
+
+def test_distill_routers_repairs_damaged_routers():
+    """Routers scrambled after the per-layer fit (each expert gets another's router row):
+    distillation must lower the loss and the check batch's output error, and be kept."""
+    _, gm, ctx = planned_graph(distill_epochs=40)
+    gen = torch.Generator().manual_seed(5)
+    for f in gm.meta["ppcompile_ffns"]:
+        perm = torch.randperm(f.state.router_w.shape[0], generator=gen)
+        f.state.router_w.copy_(f.state.router_w[perm])
+        f.state.router_b.copy_(f.state.router_b[perm])
+    gm = train_routers_budget_again(gm, ctx)
+    gm = distill_routers(gm, ctx)
+    report = gm.meta["ppcompile_distill"]
+    assert report["losses"][-1] < 0.7 * report["losses"][0]
+    assert report["kept"] and report["error_distilled"] < report["error_fitted"]
+
+
+def train_routers_budget_again(gm, ctx):
+    """Refit the layer budget and its check on the routers as they are now."""
+    from ppcompile.passes.train_routers import fit_budget
+    fit_budget(gm, ctx, [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]])
+    return gm
+
+
+def test_distill_routers_off_releases_samples_and_changes_nothing():
+    _, gm, ctx = planned_graph(distill_epochs=0)
+    routers = [f.state.router_w.clone() for f in gm.meta["ppcompile_ffns"]]
+    gm = distill_routers(gm, ctx)
+    assert "ppcompile_distill" not in gm.meta
+    assert all(f.sample is None for f in gm.meta["ppcompile_ffns"])
+    assert all(torch.equal(f.state.router_w, w) for f, w in zip(gm.meta["ppcompile_ffns"], routers))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "falcon", "bert"])

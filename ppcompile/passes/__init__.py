@@ -12,6 +12,7 @@ from ..options import Options
 from .attach_plans import attach_plans
 from .build_experts import build_experts
 from .calibrate import calibrate
+from .distill_routers import distill_routers
 from .find_ffns import find_ffns
 from .lower_to_triton import lower_to_triton
 from .rewrite import rewrite
@@ -30,8 +31,8 @@ class Context:
     options_source: object = None  # the dict given to torch.compile, to tell compile calls apart
 
 
-PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, save_plans, rewrite,
-          lower_to_triton]
+PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, distill_routers,
+          save_plans, rewrite, lower_to_triton]
 
 
 log = logging.getLogger("ppcompile")

@@ -112,7 +112,9 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             tau=torch.tensor(1.0, dtype=torch.float32, device=on_device["device"]),
             tau_table=tensors.get(f"{i}.tau_table"),
             perm=perm, signature=signature,
-            plan_key=(opts["expert_size"], opts["calibration_tokens"], opts["seed"]),
+            # plans written before distill_epochs existed had none
+            plan_key=(opts["expert_size"], opts["calibration_tokens"],
+                      opts.get("distill_epochs", 0), opts["seed"]),
             plan_file=path)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
         _adopt(ffn, state, ctx)

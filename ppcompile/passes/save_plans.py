@@ -31,4 +31,4 @@ def save_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 def plan_options(opts) -> dict:
     return dict(expert_size=opts.expert_size, calibration_tokens=opts.calibration_tokens,
-                seed=opts.seed)
+                distill_epochs=opts.distill_epochs, seed=opts.seed)

@@ -26,8 +26,8 @@ Guarantees: the graph is unchanged; each such FFN gets a SparseFFN state (router
 None, and the static method's expert ranking, in the weights' dtype and device; tau =
 options.tau; zeroed statistics) registered under its weights; gm.meta["ppcompile_budget"] holds
 the check's numbers; tau = 1.0 keeps every expert in every FFN (a table maps 1 to 1); each
-FFN's threshold never decreases as tau grows; the calibration sample is released.
-Deterministic (no randomness).
+FFN's threshold never decreases as tau grows; the calibration sample stays for distill_routers
+(which releases it). Deterministic (no randomness).
 """
 from __future__ import annotations
 
@@ -77,27 +77,37 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         planned.append((ffn, weights))
     if not planned:
         return gm
+    fit_budget(gm, ctx, planned)
+    for ffn, _ in planned:
+        REGISTRY.put(*ffn.key_params(ctx.values), ffn.state)
+        ffn.planned_now = True
+    return gm
+
+
+def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
+    """Layer budget of the planned FFNs [(ffn, weights)] from their calibration samples and
+    current routers, checked on a calibration batch (check_budget): sets each state's tau_table
+    (None where the check drops the budget) and its tau to options.tau. Returns the check's
+    numbers, also stored as gm.meta["ppcompile_budget"], with the budget curves under "curves"."""
     with torch.no_grad():
         curves = [budget_curve(ffn.sample, w["w_down"], router_w=ffn.state.router_w,
-                               router_b=ffn.state.router_b, expert_size=opts.expert_size)
+                               router_b=ffn.state.router_b, expert_size=ffn.state.expert_size)
                   for ffn, w in planned]
         widths = [ffn.d_ff for ffn, _ in planned]
         for (ffn, _), table in zip(planned, layer_budgets(curves, widths)):
             ffn.state.tau_table = torch.stack([TAU_GRID, table]).float()
         verdict = check_budget(gm, ctx, planned, curves, widths)
-    gm.meta["ppcompile_budget"] = verdict
     print(f"ppcompile: layer budget {'kept' if verdict['kept'] else 'dropped'}: output error "
           f"on a calibration batch {', '.join(f'{b:.3g}' for b in verdict['budget'])} with it, "
           f"{', '.join(f'{g:.3g}' for g in verdict['model_tau'])} at the model-wide tau "
           f"(active fractions {', '.join(map(str, CHECK_FRACTIONS))})", file=sys.stderr)
-    for ffn, weights in planned:
-        state = ffn.state
+    for ffn, _ in planned:
         if not verdict["kept"]:
-            state.tau_table = None
-        state.set_tau(opts.tau)
-        REGISTRY.put(*ffn.key_params(ctx.values), state)
-        ffn.sample, ffn.planned_now = None, True
-    return gm
+            ffn.state.tau_table = None
+        ffn.state.set_tau(ctx.options.tau)
+    verdict["curves"] = curves
+    gm.meta["ppcompile_budget"] = verdict
+    return verdict
 
 
 def fit_router(x: torch.Tensor, share: torch.Tensor):

@@ -1,0 +1,211 @@
+"""Pass 6: end-to-end router fine-tuning, by distillation through the frozen model.
+
+Matches: FFNs whose plan train_routers made in this compile (they still hold their calibration
+sample), when options.distill_epochs > 0.
+train_routers fits each router alone, to its FFN's expert output shares. Here all routers train
+together on what the model outputs:
+- a copy of the graph runs with each such FFN sparse, its output W_down (h * mask) with the
+  straight-through mask keep_e + p_e - sg(p_e) (p: the router's softmax), so the selection is the
+  real one while dL/dp_e = dL/dy . W_down[:, e] h_e reaches the router;
+- every update draws a mean active fraction in [0.4, 0.95] and each FFN keeps, over the update's
+  tokens, the share of experts its layer budget gives it there (those with the least router mass
+  ranked above them): training cannot buy quality with a larger budget, and one set of routers
+  serves every tau;
+- loss: KL(dense || sparse) of the next-token distribution when an output looks like logits
+  (last dimension >= 4 x the widest FFN input), else the relative squared error of all floating
+  outputs (encoders);
+- Adam (lr DISTILL_LR) on the routers only, options.distill_epochs passes over the calibration
+  batches, one update per >= TOKENS_PER_UPDATE tokens, the dense outputs recomputed per batch;
+- then the layer budget is fitted and checked again (train_routers.fit_budget), and the trained
+  routers are kept only if the check batch's output error, at the check's active fractions, is
+  below that of the fitted routers; a line on stderr says which.
+Measured (benchmarks/results/router_ablation.md, section F): SmolLM2-135M, screening windows,
+perplexity ratio to dense 2.75 -> 2.25 at 50% active, 1.30 -> 1.24 at 80%.
+Guarantees: the graph, the model's weights and the graph's inputs are unchanged; only routers
+and tau tables change (in place, same tensors); tau = 1.0 still keeps every expert; the
+calibration samples of all FFNs are released. Deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+
+from .calibrate import calibration_batches
+from .train_routers import TAU_GRID, fit_budget
+
+DISTILL_LR = 3e-3
+FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
+TOKENS_PER_UPDATE = 2048  # gradients of smaller batches accumulate up to this many tokens
+LOGITS_WIDTH = 4          # an output at least this many times wider than d_model is logits
+
+
+def distill_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    ffns = gm.meta["ppcompile_ffns"]
+    planned = [(f, f.weights(ctx.values)) for f in ffns if f.planned_now and f.sample is not None]
+    try:
+        if planned and ctx.options.distill_epochs > 0:
+            _distill(gm, ctx, planned)
+    finally:
+        for ffn in ffns:
+            ffn.sample = None
+    return gm
+
+
+def _distill(gm, ctx, planned):
+    opts = ctx.options
+    states = [ffn.state for ffn, _ in planned]
+    fitted = [(s.router_w.clone(), s.router_b.clone(), s.tau_table) for s in states]
+    verdict = gm.meta["ppcompile_budget"]
+    error_before = _chosen_error(verdict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
+        batches = calibration_batches(gm, ctx)
+    gen = torch.Generator().manual_seed(opts.seed)
+    start = time.perf_counter()
+    # the compile may run under no_grad or inference_mode: train on plain tensors
+    with torch.inference_mode(False), torch.enable_grad():
+        routers = [(s.router_w.detach().float().clone().requires_grad_(True),
+                    s.router_b.detach().float().clone().requires_grad_(True)) for s in states]
+        targets = [1.0] * len(planned)
+        student = _student(gm, planned, routers, targets)
+        optimizer = torch.optim.Adam([t for r in routers for t in r], lr=DISTILL_LR)
+        fraction_of = _fractions(planned, verdict["curves"])
+        logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
+        data = opts.calibration
+        tokens = data.shape[0] * data.shape[1] if data is not None and data.dim() >= 2 else 1
+        per_update = max(1, math.ceil(TOKENS_PER_UPDATE * len(batches) / max(tokens, 1)))
+        frozen = [p for p in gm.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            losses = []
+            for _ in range(opts.distill_epochs):
+                order = torch.randperm(len(batches), generator=gen).tolist()
+                for first in range(0, len(order), per_update):
+                    mean = FRACTIONS[0] + (FRACTIONS[1] - FRACTIONS[0]) * float(
+                        torch.rand((), generator=gen))
+                    targets[:] = fraction_of(mean)
+                    optimizer.zero_grad()
+                    group = order[first:first + per_update]
+                    total = 0.0
+                    for index in group:
+                        with torch.no_grad():
+                            dense = _floats(gm(*_fresh(batches[index])))
+                        loss = _loss(_floats(student(*_fresh(batches[index]))), dense,
+                                     logits_width) / len(group)
+                        loss.backward()
+                        total += float(loss.detach())
+                    optimizer.step()
+                    losses.append(total)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    with torch.no_grad():
+        for state, (w, b) in zip(states, routers):
+            state.router_w.copy_(w)
+            state.router_b.copy_(b)
+    seconds = time.perf_counter() - start
+    fitted_verdict = verdict
+    verdict = fit_budget(gm, ctx, planned)
+    error_after = _chosen_error(verdict)
+    kept = error_after < error_before
+    if not kept:
+        with torch.no_grad():
+            for state, (w, b, table) in zip(states, fitted):
+                state.router_w.copy_(w)
+                state.router_b.copy_(b)
+                state.tau_table = table
+                state.set_tau(opts.tau)
+        gm.meta["ppcompile_budget"] = fitted_verdict
+    print(f"ppcompile: router distillation {'kept' if kept else 'dropped'}: {len(losses)} "
+          f"updates in {seconds:.1f} s, loss {losses[0]:.4g} -> {losses[-1]:.4g}; check-batch "
+          f"output error {error_before:.4g} fitted, {error_after:.4g} distilled", file=sys.stderr)
+    gm.meta["ppcompile_distill"] = dict(kept=kept, error_fitted=error_before,
+                                        error_distilled=error_after, seconds=seconds,
+                                        losses=losses)
+
+
+def _student(gm, planned, routers, targets) -> fx.GraphModule:
+    """A copy of gm in which FFN i's output is its sparse output under routers[i], keeping the
+    share targets[i] of its experts over the call's tokens, with a straight-through mask."""
+    graph = fx.Graph()
+    env = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for i, (ffn, weights) in enumerate(planned):
+        y = env[ffn.down.node]
+        with graph.inserting_after(y):
+            node = graph.call_function(
+                _straight_through(i, routers, targets, weights["w_down"], ffn.state),
+                (env[ffn.x], env[ffn.down.x], y))
+        y.replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
+    return fx.GraphModule(gm, graph)
+
+
+def _straight_through(i, routers, targets, w_down, state):
+    size = state.expert_size
+
+    def sparse_output(x, h, y):
+        w, b = routers[i]
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        p = F.linear(x2.float(), w, b).softmax(-1)
+        with torch.no_grad():
+            ranked, order = p.sort(dim=-1, descending=True, stable=True)
+            before = torch.empty_like(p).scatter_(-1, order, ranked.cumsum(-1) - ranked)
+            k = max(1, min(before.numel(), math.ceil(targets[i] * before.numel())))
+            keep = (before <= before.flatten().kthvalue(k).values).float()
+        dropped = 1.0 - (keep + p - p.detach())
+        delta = F.linear(h2 * dropped.repeat_interleave(size, 1).to(h2.dtype), w_down)
+        return y - delta.reshape(y.shape).to(y.dtype)
+    sparse_output.__name__ = f"distill_{state.name.replace('.', '_')}"[:60]
+    return sparse_output
+
+
+def _fractions(planned, curves):
+    """mean active fraction -> each FFN's share of experts at the model-wide tau that gives it
+    (through its layer budget, as set_tau would run it)."""
+    fraction = torch.stack([f for f, _ in curves])  # [L, G]
+    width = torch.tensor([ffn.d_ff for ffn, _ in planned], dtype=torch.float64)[:, None]
+    mean = (fraction * width).sum(0) / width.sum()
+
+    def of(target: float) -> list[float]:
+        tau = float(TAU_GRID[(mean - target).abs().argmin()])
+        out = []
+        for (ffn, _), own in zip(planned, fraction):
+            g = (TAU_GRID - ffn.state.ffn_tau(tau)).abs().argmin()
+            out.append(float(own[g]))
+        return out
+    return of
+
+
+def _loss(got, want, logits_width):
+    """KL(dense || sparse) on the first logits-like output, else relative squared error."""
+    for g, w in zip(got, want):
+        if w.shape[-1] >= logits_width:
+            logp_want = w.float().log_softmax(-1)
+            return (logp_want.exp() * (logp_want - g.float().log_softmax(-1))).sum(-1).mean()
+    num = sum((g.float() - w.float()).square().sum() for g, w in zip(got, want))
+    return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
+
+
+def _chosen_error(verdict) -> float:
+    """Geometric mean of the check batch's output errors in the configuration the check chose."""
+    errors = verdict["budget"] if verdict["kept"] else verdict["model_tau"]
+    return math.exp(sum(math.log(max(e, 1e-30)) for e in errors) / len(errors))
+
+
+def _floats(out):
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _fresh(inputs):
+    """Parameters detached (no weight gradients), other tensors copied (the graph may write
+    into its inputs, and inference-mode tensors cannot be saved for backward)."""
+    return [t.detach() if isinstance(t, torch.nn.Parameter)
+            else t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
