@@ -227,11 +227,15 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
     torch._dynamo.reset()
     allocated("after dropping the dense graphs")
 
+    # random tokens say nothing a router could learn end to end: no distillation on them
+    distill = {}
     if calibration is None:
         calibration = torch.randint(0, vocab, (64, prompt_len), device="cuda", generator=gen)
+        distill = dict(distill_epochs=0)
     start = time.perf_counter()
     model.forward = torch.compile(forward, backend="prunepath", options=dict(
-        tau=1.0, calibration=calibration, expert_size=expert_size, calibration_tokens=2048))
+        tau=1.0, calibration=calibration, expert_size=expert_size, calibration_tokens=2048,
+        **distill))
     decoder.generate(prompts[batches[0]], 2)
     log(f"{name}: prunepath plan and first compile {time.perf_counter() - start:.0f} s")
     allocated("after the plan (routers included)")
