@@ -41,8 +41,9 @@ class Options:
         fine-tuning (pass distill_routers: all routers trained together on the model's own
         outputs, KL to the dense model for language models); 0 keeps the per-layer fits. On
         SmolLM2-135M 2 epochs took the perplexity ratio at 50% active from 2.75 to 2.25
-        (benchmarks/results/router_ablation.md, section F). Kept only if a calibration batch
-        shows it helps.
+        (benchmarks/results/router_ablation.md, section F); an epoch costs about a minute
+        there on a 2-core CPU, so the default is 1. Kept only if a calibration batch shows it
+        helps.
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -64,7 +65,7 @@ class Options:
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
     expert_size: int = 8
     calibration_tokens: int = 8192
-    distill_epochs: int = 2
+    distill_epochs: int = 1
     seed: int = 0
     method: str = "prunepath"
     plan: str | os.PathLike | None = None

@@ -161,9 +161,9 @@ def test_distill_routers_trains_only_routers_and_keeps_them_only_if_they_help():
     assert len(report["losses"]) == 3  # 384 tokens per epoch: one update each
     changed = [not torch.equal(s.router_w, w) for s, (w, _) in zip(states, fitted)]
     if report["kept"]:
-        assert all(changed) and report["error_distilled"] < report["error_fitted"]
+        assert all(changed) and report["loss_distilled"] < report["loss_fitted"]
     else:
-        assert not any(changed) and report["error_distilled"] >= report["error_fitted"]
+        assert not any(changed) and report["loss_distilled"] >= report["loss_fitted"]
     for s in states:
         s.set_tau(1.0)
     assert all(float(s.tau) == 1.0 for s in states)
@@ -182,7 +182,7 @@ def test_distill_routers_repairs_damaged_routers():
     gm = distill_routers(gm, ctx)
     report = gm.meta["ppcompile_distill"]
     assert report["losses"][-1] < 0.7 * report["losses"][0]
-    assert report["kept"] and report["error_distilled"] < report["error_fitted"]
+    assert report["kept"] and report["loss_distilled"] < report["loss_fitted"]
 
 
 def train_routers_budget_again(gm, ctx):

@@ -216,7 +216,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batch = calibration_batches(gm, ctx)[0]
     restore_inputs = input_restorer(ctx)
-    sparse = _sparse_copy(gm, planned)
+    sparse = sparse_copy(gm, planned)
 
     def outputs(module):
         out = [t.float() for t in tree_leaves(module(*batch))
@@ -238,7 +238,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     return dict(kept=gain < 0, taus=taus, **errors)
 
 
-def _sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
+def sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
     """A copy of gm in which each planned FFN's output is that of the sparse FFN (reference
     semantics, at its state's router and tau): the dense output minus the dropped experts'."""
     graph = fx.Graph()
