@@ -16,10 +16,11 @@ together on what the model outputs:
   outputs (encoders);
 - Adam (lr DISTILL_LR) on the routers only, options.distill_epochs passes over the calibration
   batches, one update per >= TOKENS_PER_UPDATE tokens, the dense outputs recomputed per batch;
-- then the layer budget is fitted and checked again (train_routers.fit_budget), and the trained
-  routers are kept only if the same loss on the budget check's batch, at the check's active
-  fractions, is below that of the fitted routers (not the check's relative L2 error of raw
-  logits: on SmolLM2 distillation halved the KL and raised that error); stderr says which.
+- then the layer budget's tables are refitted on the trained routers (the budget check's verdict
+  stands), and the trained routers are kept only if the same loss on the budget check's batch, at
+  its lower active fraction, is below that of the fitted routers (not the check's relative L2
+  error of raw logits: on SmolLM2 distillation halved the KL and raised that error); stderr says
+  which.
 Measured (benchmarks/results/router_ablation.md, section F): SmolLM2-135M, screening windows,
 perplexity ratio to dense 2.75 -> 2.25 at 50% active, 1.30 -> 1.24 at 80%.
 Guarantees: the graph, the model's weights and the graph's inputs are unchanged; only routers
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from .calibrate import calibration_batches
-from .train_routers import TAU_GRID, fit_budget, sparse_copy
+from .train_routers import TAU_GRID, budget_tables, sparse_copy
 
 DISTILL_LR = 3e-3
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -68,7 +69,10 @@ def _distill(gm, ctx, planned):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batches = calibration_batches(gm, ctx)
-    loss_before = _check_loss(gm, ctx, planned, verdict, batches[0], logits_width)
+    check_tau = verdict["taus"][0]  # the lower of check_budget's active fractions
+    with torch.no_grad():
+        dense_check = _floats(gm(*_fresh(batches[0])))
+    loss_before = _check_loss(gm, ctx, planned, check_tau, batches[0], dense_check, logits_width)
     gen = torch.Generator().manual_seed(opts.seed)
     start = time.perf_counter()
     # the compile may run under no_grad or inference_mode: train on plain tensors
@@ -113,18 +117,21 @@ def _distill(gm, ctx, planned):
             state.router_w.copy_(w)
             state.router_b.copy_(b)
     seconds = time.perf_counter() - start
-    fitted_verdict = verdict
-    verdict = fit_budget(gm, ctx, planned)
-    loss_after = _check_loss(gm, ctx, planned, verdict, batches[0], logits_width)
+    curves = budget_tables(planned)
+    for ffn, _ in planned:
+        if not verdict["kept"]:
+            ffn.state.tau_table = None
+    loss_after = _check_loss(gm, ctx, planned, check_tau, batches[0], dense_check, logits_width)
     kept = loss_after < loss_before
-    if not kept:
+    if kept:
+        verdict["curves"] = curves
+    else:
         with torch.no_grad():
             for state, (w, b, table) in zip(states, fitted):
                 state.router_w.copy_(w)
                 state.router_b.copy_(b)
                 state.tau_table = table
                 state.set_tau(opts.tau)
-        gm.meta["ppcompile_budget"] = fitted_verdict
     print(f"ppcompile: router distillation {'kept' if kept else 'dropped'}: {len(losses)} "
           f"updates in {seconds:.1f} s, loss {losses[0]:.4g} -> {losses[-1]:.4g}; on the check "
           f"batch {loss_before:.4g} fitted, {loss_after:.4g} distilled", file=sys.stderr)
@@ -195,20 +202,17 @@ def _loss(got, want, logits_width):
     return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
 
 
-def _check_loss(gm, ctx, planned, verdict, batch, logits_width) -> float:
-    """The distillation loss on one calibration batch, geometric mean over the budget check's
-    model-wide taus, each FFN at its threshold in the configuration the check chose."""
+def _check_loss(gm, ctx, planned, tau, batch, dense, logits_width) -> float:
+    """The distillation loss on one calibration batch at model-wide tau (each FFN at its own
+    threshold for it); leaves every FFN at options.tau."""
     sparse = sparse_copy(gm, planned)
-    values = []
+    for ffn, _ in planned:
+        ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
     with torch.no_grad():
-        dense = _floats(gm(*_fresh(batch)))
-        for tau in verdict["taus"]:
-            for ffn, _ in planned:
-                ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
-            values.append(float(_loss(_floats(sparse(*_fresh(batch))), dense, logits_width)))
+        loss = float(_loss(_floats(sparse(*_fresh(batch))), dense, logits_width))
     for ffn, _ in planned:
         ffn.state.set_tau(ctx.options.tau)
-    return math.exp(sum(math.log(max(v, 1e-30)) for v in values) / len(values))
+    return loss
 
 
 def _floats(out):

@@ -89,14 +89,9 @@ def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
     current routers, checked on a calibration batch (check_budget): sets each state's tau_table
     (None where the check drops the budget) and its tau to options.tau. Returns the check's
     numbers, also stored as gm.meta["ppcompile_budget"], with the budget curves under "curves"."""
+    curves = budget_tables(planned)
     with torch.no_grad():
-        curves = [budget_curve(ffn.sample, w["w_down"], router_w=ffn.state.router_w,
-                               router_b=ffn.state.router_b, expert_size=ffn.state.expert_size)
-                  for ffn, w in planned]
-        widths = [ffn.d_ff for ffn, _ in planned]
-        for (ffn, _), table in zip(planned, layer_budgets(curves, widths)):
-            ffn.state.tau_table = torch.stack([TAU_GRID, table]).float()
-        verdict = check_budget(gm, ctx, planned, curves, widths)
+        verdict = check_budget(gm, ctx, planned, curves, [ffn.d_ff for ffn, _ in planned])
     print(f"ppcompile: layer budget {'kept' if verdict['kept'] else 'dropped'}: output error "
           f"on a calibration batch {', '.join(f'{b:.3g}' for b in verdict['budget'])} with it, "
           f"{', '.join(f'{g:.3g}' for g in verdict['model_tau'])} at the model-wide tau "
@@ -108,6 +103,19 @@ def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
     verdict["curves"] = curves
     gm.meta["ppcompile_budget"] = verdict
     return verdict
+
+
+def budget_tables(planned) -> list:
+    """Budget curves of the planned FFNs on their samples and current routers, and each state's
+    tau_table from them (layer_budgets); returns the curves."""
+    with torch.no_grad():
+        curves = [budget_curve(ffn.sample, w["w_down"], router_w=ffn.state.router_w,
+                               router_b=ffn.state.router_b, expert_size=ffn.state.expert_size)
+                  for ffn, w in planned]
+        tables = layer_budgets(curves, [ffn.d_ff for ffn, _ in planned])
+    for (ffn, _), table in zip(planned, tables):
+        ffn.state.tau_table = torch.stack([TAU_GRID, table]).float()
+    return curves
 
 
 def fit_router(x: torch.Tensor, share: torch.Tensor):
