@@ -414,7 +414,9 @@ def notes(results) -> list[str]:
     lines.append("prunepath's plan: expert size and calibration tokens as above, linear routers "
                  "(ridge fit of log output shares refined by cross-entropy) and a layer budget "
                  "(per-FFN tau tables), kept only where it brings a calibration batch's outputs "
-                 "closer to dense (the backend prints which); topk, static and oracle run at the "
+                 "closer to dense, then end-to-end router distillation (pass distill_routers), "
+                 "kept only where it lowers the distillation loss on a calibration batch (the "
+                 "backend prints which); topk, static and oracle run at the "
                  "model-wide tau, topk/static on the same plan's routers/rankings. What each part "
                  "contributes: benchmarks/results/router_ablation.md.")
     lines.append("Perplexity is over independent 256-token windows (no earlier context), so it is "
