@@ -105,6 +105,8 @@ def main() -> int:
                         help="evaluation windows per model (default: per model, see SETUPS)")
     parser.add_argument("--calib-windows", type=int, default=None,
                         help="calibration windows per model (default: per model, see SETUPS)")
+    parser.add_argument("--distill-epochs", type=int, default=None,
+                        help="the backend's distill_epochs option (default: the backend's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -165,6 +167,8 @@ def run_model(name, args):
     for method in METHODS:
         torch._dynamo.reset()
         options = {"tau": 1.0, "calibration": calib, "method": method, "cache": False}
+        if args.distill_epochs is not None:
+            options["distill_epochs"] = args.distill_epochs
         stderr = StderrLog(sys.stderr)
         sys.stderr = stderr
         passes, logger = PassTimes(), logging.getLogger("ppcompile")
