@@ -136,18 +136,18 @@ def _stream_kernel(w_ptr, n_per_prog, out_ptr, BLOCK: tl.constexpr):
 class Problem:
     """K weight copies, each with its own random kept set of round(f * E) experts (>= 1)."""
 
-    def __init__(self, d, d_ff, fraction, copies, gen, device):
+    def __init__(self, d, d_ff, fraction, copies, gen):
         self.d, self.d_ff = d, d_ff
         self.n_exp = d_ff // EXPERT_SIZE
-        self.weights = Weights(d, d_ff, copies) if device == "cuda" else None
+        self.weights = Weights(d, d_ff, copies)
         k = max(1, round(fraction * self.n_exp))
         self.kept = k
         self.keeps, self.logits = [], []
         for _ in range(copies):
             keep = torch.zeros(self.n_exp, dtype=torch.int32)
             keep[torch.randperm(self.n_exp, generator=gen)[:k]] = 1
-            self.keeps.append(keep.to(device))
-            self.logits.append((keep.float() * 40 - 20)[None].to(device))
+            self.keeps.append(keep.cuda())
+            self.logits.append((keep.float() * 40 - 20)[None].cuda())
 
 
 def probe_call(x, w, logits, keep, tau, ws, n_exp, plan, select, stage, epi, programs):
@@ -163,7 +163,7 @@ def probe_call(x, w, logits, keep, tau, ws, n_exp, plan, select, stage, epi, pro
         MAXE=maxe, num_warps=plan["warps"])
 
 
-def workspace(d_out, programs, n_exp, device):
+def workspace(d_out, programs, device):
     return dict(acc=torch.zeros(d_out, dtype=torch.float32, device=device),
                 counter=torch.zeros(1, dtype=torch.int32, device=device),
                 y=torch.empty(d_out, dtype=torch.bfloat16, device=device),
@@ -199,7 +199,7 @@ def run(out_dir: Path):
         copies = copies_for(d, d_ff, l2)
         plan = probe_plan(d)
         for fraction in FRACTIONS:
-            pb = Problem(d, d_ff, fraction, copies, gen, "cuda")
+            pb = Problem(d, d_ff, fraction, copies, gen)
             x = torch.randn(1, d, generator=gen).to("cuda", torch.bfloat16)
             sets = list(zip(pb.weights.sets, pb.logits, pb.keeps))
             floor_bytes = pb.kept * EXPERT_SIZE * 3 * d * 2
@@ -215,7 +215,7 @@ def run(out_dir: Path):
                 [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu",
                                      EXPERT_SIZE, "prunepath") for (w, _, _), r in zip(sets, routers)]))
             for programs in (n_sm, 2 * n_sm):
-                ws = workspace(d, programs, pb.n_exp, "cuda")
+                ws = workspace(d, programs, "cuda")
                 for select, stage, epi in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 2),
                                            (1, 1, 1), (1, 1, 2), (0, 1, 1)]:
                     if programs == n_sm and (select, stage, epi) not in [(0, 0, 0), (0, 1, 1)]:

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from .calibrate import calibration_batches
-from .train_routers import TAU_GRID, budget_tables, sparse_copy
+from .train_routers import (TAU_GRID, budget_tables, model_tau_for, sparse_copy,
+                            with_ffn_outputs)
 
 DISTILL_LR = 3e-3
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -70,9 +71,11 @@ def _distill(gm, ctx, planned):
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batches = calibration_batches(gm, ctx)
     check_tau = verdict["taus"][0]  # the lower of check_budget's active fractions
+    checked = sparse_copy(gm, planned)  # reads the states' routers and tau when it runs
     with torch.no_grad():
         dense_check = _floats(gm(*_fresh(batches[0])))
-    loss_before = _check_loss(gm, ctx, planned, check_tau, batches[0], dense_check, logits_width)
+    loss_before = _check_loss(checked, ctx, planned, check_tau, batches[0], dense_check,
+                              logits_width)
     gen = torch.Generator().manual_seed(opts.seed)
     start = time.perf_counter()
     # the compile may run under no_grad or inference_mode: train on plain tensors
@@ -80,7 +83,10 @@ def _distill(gm, ctx, planned):
         routers = [(s.router_w.detach().float().clone().requires_grad_(True),
                     s.router_b.detach().float().clone().requires_grad_(True)) for s in states]
         targets = [1.0] * len(planned)
-        student = _student(gm, planned, routers, targets)
+        # FFN i sparse under routers[i], keeping the share targets[i] of its experts
+        student = with_ffn_outputs(gm, planned, [
+            _straight_through(i, routers, targets, w["w_down"], ffn.state)
+            for i, (ffn, w) in enumerate(planned)])
         optimizer = torch.optim.Adam([t for r in routers for t in r], lr=DISTILL_LR)
         fraction_of = _fractions(planned, verdict["curves"])
         data = opts.calibration
@@ -101,8 +107,10 @@ def _distill(gm, ctx, planned):
                     group = order[first:first + per_update]
                     total = 0.0
                     for index in group:
-                        with torch.no_grad():
-                            dense = _floats(gm(*_fresh(batches[index])))
+                        dense = dense_check
+                        if index:  # batch 0's dense outputs are computed once, above
+                            with torch.no_grad():
+                                dense = _floats(gm(*_fresh(batches[index])))
                         loss = _loss(_floats(student(*_fresh(batches[index]))), dense,
                                      logits_width) / len(group)
                         loss.backward()
@@ -121,7 +129,8 @@ def _distill(gm, ctx, planned):
     for ffn, _ in planned:
         if not verdict["kept"]:
             ffn.state.tau_table = None
-    loss_after = _check_loss(gm, ctx, planned, check_tau, batches[0], dense_check, logits_width)
+    loss_after = _check_loss(checked, ctx, planned, check_tau, batches[0], dense_check,
+                             logits_width)
     kept = loss_after < loss_before
     if kept:
         verdict["curves"] = curves
@@ -138,22 +147,6 @@ def _distill(gm, ctx, planned):
     gm.meta["ppcompile_distill"] = dict(kept=kept, loss_fitted=loss_before,
                                         loss_distilled=loss_after, seconds=seconds,
                                         losses=losses)
-
-
-def _student(gm, planned, routers, targets) -> fx.GraphModule:
-    """A copy of gm in which FFN i's output is its sparse output under routers[i], keeping the
-    share targets[i] of its experts over the call's tokens, with a straight-through mask."""
-    graph = fx.Graph()
-    env = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    for i, (ffn, weights) in enumerate(planned):
-        y = env[ffn.down.node]
-        with graph.inserting_after(y):
-            node = graph.call_function(
-                _straight_through(i, routers, targets, weights["w_down"], ffn.state),
-                (env[ffn.x], env[ffn.down.x], y))
-        y.replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
-    return fx.GraphModule(gm, graph)
 
 
 def _straight_through(i, routers, targets, w_down, state):
@@ -178,17 +171,12 @@ def _straight_through(i, routers, targets, w_down, state):
 def _fractions(planned, curves):
     """mean active fraction -> each FFN's share of experts at the model-wide tau that gives it
     (through its layer budget, as set_tau would run it)."""
-    fraction = torch.stack([f for f, _ in curves])  # [L, G]
-    width = torch.tensor([ffn.d_ff for ffn, _ in planned], dtype=torch.float64)[:, None]
-    mean = (fraction * width).sum(0) / width.sum()
+    widths = [ffn.d_ff for ffn, _ in planned]
 
     def of(target: float) -> list[float]:
-        tau = float(TAU_GRID[(mean - target).abs().argmin()])
-        out = []
-        for (ffn, _), own in zip(planned, fraction):
-            g = (TAU_GRID - ffn.state.ffn_tau(tau)).abs().argmin()
-            out.append(float(own[g]))
-        return out
+        tau = model_tau_for(curves, widths, target)
+        return [float(own[(TAU_GRID - ffn.state.ffn_tau(tau)).abs().argmin()])
+                for (ffn, _), (own, _) in zip(planned, curves)]
     return of
 
 
@@ -202,10 +190,9 @@ def _loss(got, want, logits_width):
     return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
 
 
-def _check_loss(gm, ctx, planned, tau, batch, dense, logits_width) -> float:
-    """The distillation loss on one calibration batch at model-wide tau (each FFN at its own
-    threshold for it); leaves every FFN at options.tau."""
-    sparse = sparse_copy(gm, planned)
+def _check_loss(sparse, ctx, planned, tau, batch, dense, logits_width) -> float:
+    """The distillation loss of `sparse` (sparse_copy) on one calibration batch at model-wide
+    tau (each FFN at its own threshold for it); leaves every FFN at options.tau."""
     for ffn, _ in planned:
         ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
     with torch.no_grad():

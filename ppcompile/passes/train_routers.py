@@ -209,6 +209,15 @@ def layer_budgets(curves, widths) -> list[torch.Tensor]:
 CHECK_FRACTIONS = (0.5, 0.8)  # active fractions at which the layer budget must earn its place
 
 
+def model_tau_for(curves, widths, fraction: float) -> float:
+    """The grid tau at which the FFNs, unchanged by any budget, keep on average (width-weighted)
+    the active fraction closest to `fraction`: the budget's tables spend that same mean."""
+    own = torch.stack([f for f, _ in curves])  # [L, G]
+    width = torch.tensor(widths, dtype=torch.float64)[:, None]
+    mean = (own * width).sum(0) / width.sum()
+    return float(TAU_GRID[(mean - fraction).abs().argmin()])
+
+
 def check_budget(gm, ctx, planned, curves, widths) -> dict:
     """Run the graph on its first calibration batch dense, then with these FFNs sparse at the
     model-wide taus whose mean active fraction is CHECK_FRACTIONS, each FFN at its budget's
@@ -216,10 +225,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     dense ones (relative L2 error of all floating outputs, geometric mean over the fractions).
     The cost model behind the budget fits some models and not others (measured: it helps
     SmolLM2 a lot, and hurts Gemma-3 and MiniLM), so this measures, on calibration data only."""
-    fraction = torch.stack([f for f, _ in curves])
-    width = torch.tensor(widths, dtype=torch.float64)[:, None]
-    mean = (fraction * width).sum(0) / width.sum()
-    taus = [float(TAU_GRID[(mean - f).abs().argmin()]) for f in CHECK_FRACTIONS]
+    taus = [model_tau_for(curves, widths, f) for f in CHECK_FRACTIONS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batch = calibration_batches(gm, ctx)[0]
@@ -249,14 +255,20 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
 def sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
     """A copy of gm in which each planned FFN's output is that of the sparse FFN (reference
     semantics, at its state's router and tau): the dense output minus the dropped experts'."""
+    return with_ffn_outputs(gm, planned, [_sparsifier(ffn.state, w["w_down"])
+                                          for ffn, w in planned])
+
+
+def with_ffn_outputs(gm: fx.GraphModule, planned, outputs) -> fx.GraphModule:
+    """A copy of gm in which planned FFN i's output y becomes outputs[i](x, h, y), x being the
+    FFN's input and h its hidden activation (the down projection's input)."""
     graph = fx.Graph()
     env = {}
     graph.output(graph.graph_copy(gm.graph, env))
-    for ffn, weights in planned:
+    for (ffn, _), output in zip(planned, outputs):
         y = env[ffn.down.node]
         with graph.inserting_after(y):
-            node = graph.call_function(_sparsifier(ffn.state, weights["w_down"]),
-                                       (env[ffn.x], env[ffn.down.x], y))
+            node = graph.call_function(output, (env[ffn.x], env[ffn.down.x], y))
         y.replace_all_uses_with(node, delete_user_cb=lambda user, node=node: user is not node)
     return fx.GraphModule(gm, graph)
 
