@@ -23,7 +23,8 @@ weights (K copies together exceed L2 several times, so every call streams from H
 model), replayed many times; a call's time is the median replay time / K. The active fraction
 is set exactly: token n's input has a one in dimension n and the router has +-20 in column n, so
 its logits are +20 on its chosen experts and -20 elsewhere; with tau = 0.999 exactly the chosen
-experts are kept (checked against the op's counts). Batch-8 tokens choose independent random
+experts are kept (checked against the op's counts). At 100% active tau is 1.0, as a user runs
+the dense model (the kernels then skip the selection). Batch-8 tokens choose independent random
 sets; the floor then counts the union's bytes.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ FRACTIONS = [0.125, 0.25, 0.5, 1.0]
 BATCHES = [1, 8]
 EXPERT_SIZE = 16
 TAU = 0.999
+TAU_ALL = 1.0   # what a user sets for 100% active
 PREFILL_TOKENS = [1, 2, 3, 4, 8, 16, 64, 256]  # where cuBLAS starts to win: DENSE_ABOVE
 PREFILL_SHAPE = (4096, 14336)
 BRIEF_READ_BW = 4.39e12  # the bandwidth the targets were set with
@@ -288,6 +290,7 @@ def bench_decode(clock, bw, l2_bytes, out_path):
     records = []
     gen = torch.Generator().manual_seed(1)
     tau = torch.tensor(TAU, device="cuda")
+    tau_all = torch.tensor(TAU_ALL, device="cuda")
     gpu = torch.cuda.get_device_name()
     compiled_dense = torch.compile(dense_ffn, dynamic=False)
     for d, d_ff in SHAPES:
@@ -300,8 +303,9 @@ def bench_decode(clock, bw, l2_bytes, out_path):
             for fraction in FRACTIONS:
                 x, routers, unions, kept = routed_inputs(d, weights.n_exp, batch, fraction,
                                                          copies, gen)
-                calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau,
-                                             "silu", EXPERT_SIZE, "prunepath")
+                t = tau_all if fraction == 1.0 else tau
+                calls = [lambda w=w, r=r, t=t: op(x, w[1], None, w[0], None, w[2], None, *r, t,
+                                                  "silu", EXPERT_SIZE, "prunepath")
                          for w, r in zip(weights.sets, routers)]
                 ours_us = time_calls(calls)
                 counts = calls[0]()[1].tolist()
@@ -387,28 +391,24 @@ def profile_kernels(clock, l2_bytes):
 # 6. plan sweep
 
 
-# (shape, batch) -> (active fractions, plan changes); 0.0 keeps one expert (the fixed cost alone).
-# Run 6 swept single knobs at 25% (GPU_RUNS.md); this sweep pairs one program per SM with more
-# warps: the per-program selection is a sort bound by its shuffles (1 warp: 91 us vs 52 at 8),
-# and two programs per SM sort at the same time.
+# (shape, batch) -> (active fractions, plan changes); 0.0 keeps one expert (the fixed cost alone),
+# 1.0 runs at tau = 1. Plan changes may also name `expert_size` (routers of d_ff / s experts on the
+# same weights). Run 13's sweep (one program per SM, more warps) is in GPU_RUNS.md; this one asks
+# whether the one-token selection is cheaper in its own kernel (one program, alone on the GPU,
+# with more warps) than repeated in every up-kernel program, and what a shorter sort (32-neuron
+# experts: half as many) saves.
+_SEPARATE = [dict(fused_select=False, sel_warps=w) for w in (4, 8, 16)]
 SWEEP = {
-    ((4096, 14336), 1): ([0.0, 0.25, 0.5], [
-        {}, dict(up_programs_x=1, up_warps=16), dict(up_programs_x=1, up_warps=16, up_sub=4),
-        dict(up_programs_x=1, up_warps=16, up_sub=1), dict(up_programs_x=2, up_warps=16),
-    ]),
-    ((4096, 11008), 1): ([0.25, 0.5], [
-        {}, dict(up_programs_x=1, up_warps=16), dict(up_programs_x=1, up_warps=16, up_sub=4),
-    ]),
-    ((576, 1536), 1): ([0.25], [
-        {}, dict(up_programs_x=1), dict(up_programs_x=1, up_warps=16), dict(up_programs=66),
-        dict(up_programs=66, up_warps=16), dict(up_programs_x=1, up_warps=4),
-    ]),
+    ((4096, 14336), 1): ([0.0, 0.25, 0.5, 1.0], [{}, *_SEPARATE, dict(expert_size=32)]),
+    ((4096, 11008), 1): ([0.25, 0.5], [{}, *_SEPARATE]),
+    ((576, 1536), 1): ([0.25], [{}, *_SEPARATE, dict(expert_size=32)]),
+    ((4096, 14336), 8): ([0.25], [{}, dict(sel_warps=8)]),
 }
 
 
 def sweep_plans(clock, l2_bytes):
-    gen = torch.Generator().manual_seed(3)
     tau = torch.tensor(TAU, device="cuda")
+    tau_all = torch.tensor(TAU_ALL, device="cuda")
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     with direct_launches() as tf:
@@ -416,8 +416,6 @@ def sweep_plans(clock, l2_bytes):
             copies = copies_for(d, d_ff, l2_bytes)
             weights = Weights(d, d_ff, copies)
             for fraction in fractions:
-                x, routers, _, _ = routed_inputs(d, weights.n_exp, batch,
-                                                 fraction or 1 / weights.n_exp, copies, gen)
                 for cfg in configs:
                     if clock.left() < 10:
                         clock.log("sweep: out of time budget, rest skipped")
@@ -425,14 +423,19 @@ def sweep_plans(clock, l2_bytes):
                     config = dict(cfg)
                     if "up_programs_x" in config:
                         config["up_programs"] = config.pop("up_programs_x") * n_sm
+                    s = config.pop("expert_size", EXPERT_SIZE)
+                    n_exp = d_ff // s
+                    x, routers, _, _ = routed_inputs(d, n_exp, batch, fraction or 1 / n_exp,
+                                                     copies, torch.Generator().manual_seed(3))
+                    t = tau_all if fraction == 1.0 else tau
                     try:
                         us = time_calls([lambda w=w, r=r: tf.sparse_ffn_triton(
-                            x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", EXPERT_SIZE,
+                            x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s,
                             config=config) for w, r in zip(weights.sets, routers)])
                     except Exception as e:  # a config the table would never pick may fail
                         us = None
                         clock.log(f"sweep {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                    full = tf.plan(batch, d, d, d_ff, EXPERT_SIZE, n_sm, **config)
+                    full = tf.plan(batch, d, d, d_ff, s, n_sm, **config)
                     out.append(dict(shape=f"{d}x{d_ff}", batch=batch, active_fraction=fraction,
                                     change=cfg, ours_us=us, plan=full.__dict__))
                     clock.log(f"sweep {d}x{d_ff} b{batch} f{fraction} {cfg or 'default'}: "

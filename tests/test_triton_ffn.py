@@ -193,6 +193,7 @@ def test_matches_reference_bf16(case):
 PLANS = [
     (1, dict(fuse_down=False, down_ks=1)),                       # down kernel, direct epilogue
     (1, dict(fuse_down=False, down_ks=3, down_block_d=16)),      # split-K down, column tiles
+    (1, dict(fused_select=False, sel_warps=8)),                  # one token, own selection kernel
     (2, dict(up_sub=2, up_programs=5)),                          # many small programs
     (3, dict(dot=False, fused_select=True)),                     # fused selection, 3 tokens
     (3, dict(dot=False, fuse_down=False, down_ks=2, down_block_q=2)),  # CUDA-core down, split-K

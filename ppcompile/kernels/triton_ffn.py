@@ -141,7 +141,19 @@ def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     round(tau * E) highest logits, at least one. Either way one fp32 sort gives the kept count,
     the cut becomes a threshold value, and experts tied with it are taken lowest index first.
     Takes values, not pointers: Inductor's mutation analysis counts every pointer that reaches a
-    store address through a call as written (tau, a graph input, would be cloned per call)."""
+    store address through a call as written (tau, a graph input, would be cloned per call).
+    tau >= 1 keeps every expert under either rule, and skips the sort (a runtime branch: the sort
+    is the largest fixed cost of a one-token call, GPU_RUNS.md runs 11-12)."""
+    if tau >= 1.0:
+        keep = valid
+    else:
+        keep = _select_below_one(logits, valid, row_ok, tau, n_exp, TOPK)
+    return keep
+
+
+@triton.jit
+def _select_below_one(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
+    """_select for tau < 1: one fp32 sort gives the kept count and the cut value."""
     if TOPK:
         score = tl.where(valid, logits, float("-inf"))
         ranked = tl.sort(score, dim=1, descending=True)
@@ -159,8 +171,7 @@ def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
         score = tl.where(valid, ex / tl.where(z > 0, z, 1.0)[:, None], -1.0)
         ranked = tl.sort(score, dim=1, descending=True)  # padding (-1) sorts last
         mass_before = tl.cumsum(ranked, axis=1) - ranked
-        cut = tl.where(tau >= 1.0, float("inf"), tau)  # tau >= 1 keeps every expert
-        kept_ranked = (mass_before < cut) & (ranked >= 0.0)
+        kept_ranked = (mass_before < tau) & (ranked >= 0.0)
     n_kept = tl.sum(kept_ranked.to(tl.int32), axis=1)
     threshold = tl.min(tl.where(kept_ranked, ranked, float("inf")), axis=1)
     above = valid & (score > threshold[:, None])
@@ -433,6 +444,7 @@ class Plan:
     router_block_k: int
     router_warps: int
     sel_n: int              # tokens per program of _select_kernel
+    sel_warps: int
     up_programs: int        # programs per token tile of _up_kernel
     up_sub: int             # compact neurons per step
     up_block_k: int
@@ -503,7 +515,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         base = dict(
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
-            router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1,
+            router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1, sel_warps=4,
             up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
@@ -519,7 +531,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             tile_m=tile_m, fused_select=False, fuse_down=False,
             up_dot=True, down_dot=True, router_dot=True,
             router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
-            sel_n=max(1, min(16, 8192 // e_pad)),
+            sel_n=max(1, min(16, 8192 // e_pad)), sel_warps=4,
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
             up_unit=up_sub, up_warps=4, up_stages=3,
             down_block_q=64, down_block_d=128,
@@ -665,7 +677,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     if not p.fused_select:
         wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
             logits, tau, bits, counts, n, n_exp, s,
-            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=4,
+            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=p.sel_warps,
         )
 
     # 3. up (+ down when fused)
