@@ -7,7 +7,7 @@
 # (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
 # DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25"; KERNELS_ARGS to
 # kernels.py, e.g. "--skip decode sweep" for numerics and the many-token table only;
-# TRITON_TESTS_ARGS to pytest, e.g. "-k launch_plans").
+# TRITON_TESTS_K selects kernel tests, e.g. "launch_plans or ties").
 # Logs and JSON go to $RESULTS and, packed, to $OUT/results.tgz (the device tool brings back at
 # most 8 files); commit them under benchmarks/results/ with the command that made them.
 set -uo pipefail
@@ -37,7 +37,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
     anatomy)      step anatomy "$limit" python benchmarks/anatomy.py --out "$RESULTS" ;;
     recompiles)   TORCH_LOGS=recompiles step recompiles "$limit" python -m pytest -q -x -s -p no:cacheprovider tests/test_gpu.py -k prompt_lengths ;;
     tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;
-    triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ${TRITON_TESTS_ARGS:-} ;;
+    triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ${TRITON_TESTS_K:+-k "$TRITON_TESTS_K"} ;;
     decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b ${DECODE_ARGS:-} --out "$RESULTS/decode_1b.json" ;;
     decode-8b)    step decode_8b "$limit" python benchmarks/decode.py --models llama3-8b ${DECODE_ARGS:-} --out "$RESULTS/decode_8b.json" ;;
     *) log "unknown section $name" ;;

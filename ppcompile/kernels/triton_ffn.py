@@ -10,8 +10,9 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
 * Which experts a tile keeps travels as `bits` [tiles, E] int64: bit t of bits[m, e] says that
   token t of tile m keeps expert e (so a tile has at most 64 tokens).
 * Kernels (launch order):
-    1. _router_kernel: router logits (fp32) into a workspace; it also zeroes every workspace the
-       later kernels accumulate into, so no memset launch is needed.
+    1. _router_kernel: router logits (fp32) into a workspace (not at tau >= 1, which keeps every
+       expert); it also zeroes every workspace the later kernels accumulate into, so no memset
+       launch is needed.
     2. _select_kernel: per token softmax + top-p selection (or, for the "topk"/"static" methods,
        the round(tau * E) highest logits), OR-ed into bits. Skipped for one or two tokens: the
        expert kernel then selects itself (see FUSED_SELECT).
@@ -195,7 +196,7 @@ def _token_bits(keep, tok, BLOCK_N: tl.constexpr):
 @triton.jit
 def _router_kernel(
     x_ptr, stride_xn, stride_xk, rw_ptr, stride_re, stride_rk, rb_ptr,
-    logits_ptr, counts_ptr,
+    logits_ptr, tau_ptr, counts_ptr,
     z64_ptr, n_z64, zf32_ptr, n_zf32, zi32_ptr, n_zi32,
     N, D, E,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -212,24 +213,27 @@ def _router_kernel(
     if lin == 0:
         two = tl.arange(0, 2)
         tl.store(counts_ptr + two, tl.where(two == 0, 0.0, N * 1.0).to(tl.float64))
-
-    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = es < E
-    kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    for ks in range(K_STEPS):
-        k = ks * BLOCK_K + kk
-        k_ok = k < D
-        xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wk = tl.load(rw_ptr + es[:, None] * stride_re + k[None, :] * stride_rk,
-                     mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mac(xk, wk, acc, USE_DOT, IEEE)
-    acc += tl.load(rb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(logits_ptr + rows[:, None] * E + es[None, :], acc,
-             mask=row_ok[:, None] & e_ok[None, :])
+    # tau >= 1 keeps every expert without looking at the logits (_select): skip the router's
+    # bytes (4096x14336 at 100% active: the gap to cuBLAS, GPU_RUNS.md run 18). Inline, not a
+    # helper: pointers passed through a call may count as written for Inductor (see _select)
+    if tl.load(tau_ptr) < 1.0:
+        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_ok = es < E
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        for ks in range(K_STEPS):
+            k = ks * BLOCK_K + kk
+            k_ok = k < D
+            xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wk = tl.load(rw_ptr + es[:, None] * stride_re + k[None, :] * stride_rk,
+                         mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mac(xk, wk, acc, USE_DOT, IEEE)
+        acc += tl.load(rb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(logits_ptr + rows[:, None] * E + es[None, :], acc,
+                 mask=row_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -664,7 +668,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
     wrap_triton(_router_kernel)[r_grid](
         x2d, x2d.stride(0), x2d.stride(1), router_w, router_w.stride(0), router_w.stride(1),
-        router_b, logits, counts,
+        router_b, logits, tau, counts,
         bits, n_zero_bits, acc, n_zero_acc, counters, n_counters,
         n, d, n_exp,
         USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
