@@ -32,7 +32,9 @@ class Options:
         None: calibrate on the inputs of the first call, with a warning.
     expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width. 8 measured
         clearly better than 16 at equal active fraction on SmolLM2-135M (see
-        benchmarks/results/router_ablation.md), at twice the router's width.
+        benchmarks/results/router_ablation.md), at twice the router's width. On the GPU each
+        call pays a selection whose cost grows with the number of experts: 32-neuron experts
+        took ~5 us less per call than 16 on a 4096x14336 FFN (GPU_RUNS.md, run 18).
     calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router fitting
         (calibration runs on all tokens, but keeps at most this many per FFN in memory: about
         4 * n * (d + d_ff) bytes per FFN). Routers are data-limited: 8192 measured clearly
