@@ -393,16 +393,15 @@ def profile_kernels(clock, l2_bytes):
 
 # (shape, batch) -> (active fractions, plan changes); 0.0 keeps one expert (the fixed cost alone),
 # 1.0 runs at tau = 1. Plan changes may also name `expert_size` (routers of d_ff / s experts on the
-# same weights). Run 13's sweep (one program per SM, more warps) is in GPU_RUNS.md; this one asks
-# whether the one-token selection is cheaper in its own kernel (one program, alone on the GPU,
-# with more warps) than repeated in every up-kernel program, and what a shorter sort (32-neuron
-# experts: half as many) saves.
-_SEPARATE = [dict(fused_select=False, sel_warps=w) for w in (4, 8, 16)]
+# same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
+# 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts).
+# This one asks whether batch 8 (tensor cores, 16-token tiles) streams better with wider
+# neuron steps or deeper pipelines than run 6's single knobs tried.
 SWEEP = {
-    ((4096, 14336), 1): ([0.0, 0.25, 0.5, 1.0], [{}, *_SEPARATE, dict(expert_size=32)]),
-    ((4096, 11008), 1): ([0.25, 0.5], [{}, *_SEPARATE]),
-    ((576, 1536), 1): ([0.25], [{}, *_SEPARATE, dict(expert_size=32)]),
-    ((4096, 14336), 8): ([0.25], [{}, dict(sel_warps=8)]),
+    ((4096, 14336), 8): ([0.25], [
+        {}, dict(up_sub=32), dict(up_sub=64), dict(up_block_k=256), dict(up_sub=32, up_stages=4),
+        dict(up_sub=64, up_warps=8), dict(down_block_q=128), dict(down_block_d=256),
+    ]),
 }
 
 
