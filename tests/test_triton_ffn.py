@@ -241,6 +241,28 @@ def test_extreme_tau(tau, n):
     assert (keep.sum(1) == (1 if tau < 1 else 8)).all()
 
 
+@pytest.mark.parametrize("n", [1, 8])
+def test_tau_one_skips_the_router(n, monkeypatch):
+    """tau >= 1 keeps every expert without the router: its logits workspace is never written
+    (it stays poisoned), yet y is the dense FFN; below 1 the logits are written."""
+    buffers = []
+    poisoned = triton_ffn._empty
+
+    def recording(shape, dtype, device):
+        buffers.append(poisoned(shape, dtype, device))
+        return buffers[-1]
+
+    monkeypatch.setattr(triton_ffn, "_empty", recording)
+    ffn = make_ffn(n, 32, 128, 16, gated=True, biases=True, seed=4)
+    for tau, written in [(1.0, False), (0.6, True)]:
+        buffers.clear()
+        _, _, keep = run_and_check(ffn, tau, "silu", 16)
+        logits = [b for b in buffers if b.dtype == torch.float32 and tuple(b.shape) == (n, 8)]
+        assert len(logits) == 1
+        assert bool(logits[0].isnan().all()) != written
+        assert bool(keep.all()) == (not written)
+
+
 @pytest.mark.parametrize("n", [1, 8, 40])
 def test_ties_go_to_lower_index(n):
     """Equal logits: the kept count follows tau, and ties are taken lowest expert index first."""
