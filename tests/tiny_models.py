@@ -18,6 +18,13 @@ FAMILIES = {
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), "swiglu"),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "geglu"),
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0), "swiglu"),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "swiglu"),
+    "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "geglu"),
+    "phi": (T.PhiConfig, T.PhiForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4), "gelu_tanh"),
+    "bloom": (T.BloomConfig, T.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4), "gelu_tanh"),
+    "distilbert": (T.DistilBertConfig, T.DistilBertModel, dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64), "gelu"),
+    "t5": (T.T5Config, T.T5EncoderModel, dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4), "relu"),
+    "t5_gated": (T.T5Config, T.T5EncoderModel, dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"), "geglu"),
 }
 
 
