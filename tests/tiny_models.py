@@ -25,6 +25,13 @@ FAMILIES = {
     "distilbert": (T.DistilBertConfig, T.DistilBertModel, dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64), "gelu"),
     "t5": (T.T5Config, T.T5EncoderModel, dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4), "relu"),
     "t5_gated": (T.T5Config, T.T5EncoderModel, dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"), "geglu"),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "geglu"),
+    "starcoder2": (T.Starcoder2Config, T.Starcoder2ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), "gelu_tanh"),
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4), "swiglu"),
+    "stablelm": (T.StableLmConfig, T.StableLmForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), "swiglu"),
+    "gpt_bigcode": (T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64), "gelu_tanh"),
+    "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64), "gelu_tanh"),
+    "electra": (T.ElectraConfig, T.ElectraModel, dict(hidden_size=32, embedding_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64), "gelu"),
 }
 
 
