@@ -400,7 +400,8 @@ def profile_kernels(clock, l2_bytes):
 SWEEP = {
     ((4096, 14336), 8): ([0.25], [
         {}, dict(up_sub=32), dict(up_sub=64), dict(up_block_k=256), dict(up_sub=32, up_stages=4),
-        dict(up_sub=64, up_warps=8), dict(down_block_q=128), dict(down_block_d=256),
+        dict(up_sub=64, up_warps=8), dict(up_sub=32, up_block_k=256), dict(up_stages=5),
+        dict(down_block_q=128), dict(down_block_d=256), dict(down_stages=5),
     ]),
 }
 
