@@ -406,6 +406,16 @@ SWEEP = {
 }
 
 
+def sweep_error(tf, x, w, r, tau, s, config):
+    """Relative error of one swept call against the torch reference (same weights, same dtype):
+    a plan that times well must also compute the right thing (run 15 found one that did not)."""
+    from ppcompile.kernels.reference import sparse_ffn_reference
+    y = tf.sparse_ffn_triton(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", s,
+                             config=config)[0].float()
+    y_ref = sparse_ffn_reference(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", s)[0]
+    return ((y - y_ref.float()).norm() / y_ref.float().norm()).item()
+
+
 def sweep_plans(clock, l2_bytes):
     tau = torch.tensor(TAU, device="cuda")
     tau_all = torch.tensor(TAU_ALL, device="cuda")
@@ -432,14 +442,15 @@ def sweep_plans(clock, l2_bytes):
                         us = time_calls([lambda w=w, r=r: tf.sparse_ffn_triton(
                             x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s,
                             config=config) for w, r in zip(weights.sets, routers)])
+                        err = sweep_error(tf, x, weights.sets[0], routers[0], t, s, config)
                     except Exception as e:  # a config the table would never pick may fail
-                        us = None
+                        us = err = None
                         clock.log(f"sweep {cfg}: {type(e).__name__}: {str(e)[:200]}")
                     full = tf.plan(batch, d, d, d_ff, s, n_sm, **config)
                     out.append(dict(shape=f"{d}x{d_ff}", batch=batch, active_fraction=fraction,
-                                    change=cfg, ours_us=us, plan=full.__dict__))
+                                    change=cfg, ours_us=us, rel_err=err, plan=full.__dict__))
                     clock.log(f"sweep {d}x{d_ff} b{batch} f{fraction} {cfg or 'default'}: "
-                              f"{'failed' if us is None else f'{us:.1f} us'}")
+                              f"{'failed' if us is None else f'{us:.1f} us, rel err {err:.1e}'}")
             del weights
             torch.cuda.empty_cache()
     return out
