@@ -4,9 +4,9 @@ Matches: FFNs with a calibration sample and experts built, but no plan yet.
 1. Router. For each sampled token the target is each expert's share of the FFN output,
    ||W_down[:, e] h_e(x)|| normalised over experts. The linear router (d -> E) starts from the
    ridge regression of the log shares on x (closed form) and then minimises the cross-entropy
-   of softmax(router(x)) to the shares (full-batch L-BFGS): the softmax is then the predicted
-   share distribution itself, so "keep experts until their probability reaches tau" keeps about
-   a tau share of the output.
+   of softmax(router(x)) to the shares (full-batch L-BFGS, 100 iterations, 30 when
+   distill_routers follows): the softmax is then the predicted share distribution itself, so
+   "keep experts until their probability reaches tau" keeps about a tau share of the output.
 2. Layer budget. A model-wide tau would give every FFN whatever active fraction its router's
    confidence yields, whatever the cost. Instead, for each model-wide tau on a grid, the FFNs of
    this graph share the active fraction that tau gives on average (on the calibration sample),
@@ -48,7 +48,9 @@ from .calibrate import calibration_batches, input_restorer
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
-CE_STEPS_DISTILLED = 100  # the same when distill_routers follows
+# the same when distill_routers refines the routers after: as good there, in a third of the time
+# (router_ablation.md, G)
+CE_STEPS_DISTILLED = 30
 CE_DECAY = 1e-4  # L2 penalty on the router weight in the cross-entropy fit
 # model-wide taus at which the layer budget is solved: fine near 1, where fractions move fast;
 # none is 0 (the rule would keep no expert)
