@@ -42,10 +42,10 @@ class Options:
     distill_epochs: int >= 0. Passes over the calibration data of end-to-end router
         fine-tuning (pass distill_routers: all routers trained together on the model's own
         outputs, KL to the dense model for language models); 0 keeps the per-layer fits. On
-        SmolLM2-135M 2 epochs took the perplexity ratio at 50% active from 2.75 to 2.25
-        (benchmarks/results/router_ablation.md, section F); an epoch costs about a minute
-        there on a 2-core CPU, so the default is 1. Kept only if a calibration batch shows it
-        helps.
+        SmolLM2-135M's held-out text 1 / 2 / 3 epochs gave perplexity ratio 2.47 / 2.36 / 2.33
+        at 50% active (benchmarks/results/router_ablation.md, sections F and G); an epoch costs
+        about 35 s there on a 2-core CPU, so the default is 2, which keeps the plan under 3
+        minutes. Kept only if a calibration batch shows it helps.
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -67,7 +67,7 @@ class Options:
     calibration: torch.Tensor | None = field(default=None, repr=False, compare=False)
     expert_size: int = 8
     calibration_tokens: int = 8192
-    distill_epochs: int = 1
+    distill_epochs: int = 2
     seed: int = 0
     method: str = "prunepath"
     plan: str | os.PathLike | None = None

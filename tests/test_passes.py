@@ -185,6 +185,25 @@ def test_distill_routers_repairs_damaged_routers():
     assert report["kept"] and report["loss_distilled"] < report["loss_fitted"]
 
 
+def test_budget_check_gives_distillation_its_baseline():
+    """distill_routers starts from the budget check's dense outputs and loss instead of running
+    them again: they must be what its own check computes on the fitted routers."""
+    module = importlib.import_module("ppcompile.passes.distill_routers")
+    _, gm, ctx = planned_graph(distill_epochs=1)
+    planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
+    verdict = gm.meta["ppcompile_budget"]
+    batch = module.calibration_batches(gm, ctx)[0]
+    with torch.no_grad():
+        dense = module._floats(gm(*module._fresh(batch)))
+    assert all(torch.equal(a, b) for a, b in zip(verdict["dense"], dense))
+    width = module.LOGITS_WIDTH * max(f.d_model for f, _ in planned)
+    loss = module._check_loss(module.sparse_copy(gm, planned), ctx, planned, verdict["taus"][0],
+                              batch, dense, width)
+    assert verdict["loss"] == pytest.approx(loss, rel=1e-6)
+    gm = distill_routers(gm, ctx)
+    assert "dense" not in gm.meta["ppcompile_budget"]
+
+
 def train_routers_budget_again(gm, ctx):
     """Refit the layer budget and its check on the routers as they are now."""
     from ppcompile.passes.train_routers import fit_budget

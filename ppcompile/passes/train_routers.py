@@ -4,9 +4,9 @@ Matches: FFNs with a calibration sample and experts built, but no plan yet.
 1. Router. For each sampled token the target is each expert's share of the FFN output,
    ||W_down[:, e] h_e(x)|| normalised over experts. The linear router (d -> E) starts from the
    ridge regression of the log shares on x (closed form) and then minimises the cross-entropy
-   of softmax(router(x)) to the shares (full-batch L-BFGS): the softmax is then the predicted
-   share distribution itself, so "keep experts until their probability reaches tau" keeps about
-   a tau share of the output.
+   of softmax(router(x)) to the shares (full-batch L-BFGS, 100 iterations, 30 when
+   distill_routers follows): the softmax is then the predicted share distribution itself, so
+   "keep experts until their probability reaches tau" keeps about a tau share of the output.
 2. Layer budget. A model-wide tau would give every FFN whatever active fraction its router's
    confidence yields, whatever the cost. Instead, for each model-wide tau on a grid, the FFNs of
    this graph share the active fraction that tau gives on average (on the calibration sample),
@@ -27,7 +27,8 @@ None, and the static method's expert ranking, in the weights' dtype and device; 
 options.tau; zeroed statistics) registered under its weights; gm.meta["ppcompile_budget"] holds
 the check's numbers; tau = 1.0 keeps every expert in every FFN (a table maps 1 to 1); each
 FFN's threshold never decreases as tau grows; the calibration sample stays for distill_routers
-(which releases it). Deterministic (no randomness).
+(which releases it), its h replaced by what the budget curves read ("importance": the experts'
+output norms [n, E]; "y2": ||y||^2 [n]). Deterministic (no randomness).
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ from .calibrate import calibration_batches, input_restorer
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
+# the same when distill_routers refines the routers after: as good there, in a third of the time
+# (router_ablation.md, G)
+CE_STEPS_DISTILLED = 30
 CE_DECAY = 1e-4  # L2 penalty on the router weight in the cross-entropy fit
 # model-wide taus at which the layer budget is solved: fine near 1, where fractions move fast;
 # none is 0 (the rule would keep no expert)
@@ -61,9 +65,15 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             continue
         weights = ffn.weights(ctx.values)
         with torch.no_grad():
-            share = expert_importance(ffn.sample["h"], weights["w_down"], opts.expert_size)
-            share = share / share.sum(-1, keepdim=True).clamp_min(1e-30)
-            router_w, router_b = fit_router(ffn.sample["x"], share)
+            importance = expert_importance(ffn.sample["h"], weights["w_down"], opts.expert_size)
+            # what the budget curves read of h, computed once (they are refitted after
+            # distillation)
+            ffn.sample["importance"] = importance
+            ffn.sample["y2"] = F.linear(ffn.sample["h"].float(), weights["w_down"].float()
+                                        ).double().square().sum(-1)
+            del ffn.sample["h"]
+            share = importance / importance.sum(-1, keepdim=True).clamp_min(1e-30)
+            router_w, router_b = fit_router(ffn.sample["x"], share, ce_steps(opts))
             static = share.mean(0).clamp_min(1e-30).log()
         w_up = weights["w_up"]
         on_device = dict(device=w_up.device, dtype=w_up.dtype)
@@ -88,7 +98,9 @@ def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
     """Layer budget of the planned FFNs [(ffn, weights)] from their calibration samples and
     current routers, checked on a calibration batch (check_budget): sets each state's tau_table
     (None where the check drops the budget) and its tau to options.tau. Returns the check's
-    numbers, also stored as gm.meta["ppcompile_budget"], with the budget curves under "curves"."""
+    numbers, also stored as gm.meta["ppcompile_budget"], with the budget curves under "curves",
+    and for distill_routers (which pops them) the check batch's dense outputs under "dense" and
+    the distill_loss of the routers and thresholds in place at the lower fraction under "loss"."""
     curves = budget_tables(planned)
     with torch.no_grad():
         verdict = check_budget(gm, ctx, planned, curves, [ffn.d_ff for ffn, _ in planned])
@@ -101,6 +113,9 @@ def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
             ffn.state.tau_table = None
         ffn.state.set_tau(ctx.options.tau)
     verdict["curves"] = curves
+    # what distill_routers' own check starts from (it pops them): the check batch's dense
+    # outputs and the loss of the routers and thresholds now in place at the lower fraction
+    verdict["loss"] = verdict.pop("losses")["budget" if verdict["kept"] else "model_tau"]
     gm.meta["ppcompile_budget"] = verdict
     return verdict
 
@@ -109,20 +124,25 @@ def budget_tables(planned) -> list:
     """Budget curves of the planned FFNs on their samples and current routers, and each state's
     tau_table from them (layer_budgets); returns the curves."""
     with torch.no_grad():
-        curves = [budget_curve(ffn.sample, w["w_down"], router_w=ffn.state.router_w,
-                               router_b=ffn.state.router_b, expert_size=ffn.state.expert_size)
-                  for ffn, w in planned]
+        curves = [budget_curve(ffn.sample, ffn.state.router_w, ffn.state.router_b)
+                  for ffn, _ in planned]
         tables = layer_budgets(curves, [ffn.d_ff for ffn, _ in planned])
     for (ffn, _), table in zip(planned, tables):
         ffn.state.tau_table = torch.stack([TAU_GRID, table]).float()
     return curves
 
 
-def fit_router(x: torch.Tensor, share: torch.Tensor):
+def ce_steps(opts) -> int:
+    """L-BFGS iterations of the cross-entropy fit: fewer when distill_routers refines the routers
+    after it."""
+    return CE_STEPS if opts.distill_epochs == 0 else CE_STEPS_DISTILLED
+
+
+def fit_router(x: torch.Tensor, share: torch.Tensor, steps: int = CE_STEPS):
     """Router (W [E, d], b [E]) for x [n, d] whose softmax matches share [n, E]: the ridge fit of
-    the log shares, refined by cross-entropy."""
+    the log shares, refined by cross-entropy (`steps` L-BFGS iterations)."""
     weight, bias = fit_log_shares(x, share)
-    return refine_cross_entropy(x, share, weight, bias)
+    return refine_cross_entropy(x, share, weight, bias, steps)
 
 
 def refine_cross_entropy(x, share, weight, bias, steps: int = CE_STEPS):
@@ -160,16 +180,17 @@ def fit_log_shares(x: torch.Tensor, share: torch.Tensor):
     return weight.t().float(), bias.float()
 
 
-def budget_curve(sample, w_down, router_w, router_b, expert_size):
+def budget_curve(sample, router_w, router_b):
     """(fraction [G], cost [G]) of one FFN at each threshold of TAU_GRID, on its calibration
-    sample, under the cumulative-mass rule on its router: the share of experts kept, and the
-    mean over tokens of weight * (squared norms of the dropped experts' outputs) / ||y||^2."""
-    x, h = sample["x"].float(), sample["h"].float()
-    imp2 = expert_importance(h, w_down, expert_size).double().square()
-    prob = torch.nn.functional.linear(x, router_w.float(), router_b.float()).softmax(-1)
+    sample (x, the experts' output norms "importance", ||y||^2 "y2", "weight"), under the
+    cumulative-mass rule on its router: the share of experts kept, and the mean over tokens of
+    weight * (squared norms of the dropped experts' outputs) / ||y||^2."""
+    imp2 = sample["importance"].double().square()
+    prob = torch.nn.functional.linear(sample["x"].float(), router_w.float(),
+                                      router_b.float()).softmax(-1)
     prob, order = prob.double().sort(-1, descending=True)
     before = prob.cumsum(-1) - prob  # mass ranked above each expert: kept while < tau
-    y2 = torch.nn.functional.linear(h, w_down.float()).double().square().sum(-1, keepdim=True)
+    y2 = sample["y2"][:, None]
     scaled = imp2.gather(-1, order) * sample["weight"].double()[:, None] / y2.clamp_min(1e-30)
     kept_cost = torch.cat([torch.zeros_like(scaled[:, :1]), scaled.cumsum(-1)], 1)
     experts = imp2.shape[1]
@@ -224,7 +245,9 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     threshold or at tau itself; keep the budget only if it brings the outputs closer to the
     dense ones (relative L2 error of all floating outputs, geometric mean over the fractions).
     The cost model behind the budget fits some models and not others (measured: it helps
-    SmolLM2 a lot, and hurts Gemma-3 and MiniLM), so this measures, on calibration data only."""
+    SmolLM2 a lot, and hurts Gemma-3 and MiniLM), so this measures, on calibration data only.
+    Also returns the dense outputs ("dense") and, per kind, the distill_loss at the lower fraction
+    ("losses"): distill_routers' baseline, so that it need not run these again."""
     taus = [model_tau_for(curves, widths, f) for f in CHECK_FRACTIONS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
@@ -240,6 +263,8 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
 
     dense = outputs(gm)
     errors = {"budget": [], "model_tau": []}
+    losses = {}
+    logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
     for tau in taus:
         for kind, found in errors.items():
             for ffn, _ in planned:
@@ -247,9 +272,25 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
             got = outputs(sparse)
             num = sum(float((a - b).square().sum()) for a, b in zip(got, dense))
             found.append(num / max(sum(float(b.square().sum()) for b in dense), 1e-30))
+            losses.setdefault(kind, float(distill_loss(got, dense, logits_width)))
     gain = sum(math.log(max(b, 1e-30) / max(g, 1e-30))
                for b, g in zip(errors["budget"], errors["model_tau"]))
-    return dict(kept=gain < 0, taus=taus, **errors)
+    return dict(kept=gain < 0, taus=taus, **errors, losses=losses, dense=dense)
+
+
+LOGITS_WIDTH = 4  # an output at least this many times wider than d_model is logits
+
+
+def distill_loss(got, want, logits_width):
+    """The distillation objective of outputs `got` against dense outputs `want`: KL(dense ||
+    sparse) on the first logits-like output (last dimension >= logits_width), else the relative
+    squared error of all of them."""
+    for g, w in zip(got, want):
+        if w.shape[-1] >= logits_width:
+            logp_want = w.float().log_softmax(-1)
+            return (logp_want.exp() * (logp_want - g.float().log_softmax(-1))).sum(-1).mean()
+    num = sum((g.float() - w.float()).square().sum() for g, w in zip(got, want))
+    return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
 
 
 def sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
