@@ -502,7 +502,10 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
         # CUDA cores: [SUB, BLOCK_K] weight tiles of <= 8192 elements keep the one-token kernel
         # (gate, up and down tiles in flight at once) near 80 registers: 2 programs per SM
-        up_sub = 16 if dot else max(1, min(8, 8192 // (n_pad * up_block_k)))
+        # tensor cores: 32 neurons per step keep twice the weight bytes in flight as 16 did;
+        # 4096x14336, 8 tokens, 25% active, H200 (run 22): 125.8 us vs 158.2 (64: 122.6, but
+        # 64 x 128 fp32 tiles x 3 stages would not fit in shared memory)
+        up_sub = 32 if dot else max(1, min(8, 8192 // (n_pad * up_block_k)))
         fuse_down = not dot and n_pad * do_pad <= 8192 and up_sub * do_pad <= 16384
         down_block_d = 128 if dot else min(do_pad, max(64, 4096 // n_pad))
         n_dtiles = triton.cdiv(d_out, down_block_d)
