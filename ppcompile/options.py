@@ -11,6 +11,12 @@ import torch
 from .kernels.reference import METHODS
 
 
+# the options a plan is made from: its cache key, and what a plan file records
+PLAN_FIELDS = ("expert_size", "calibration_tokens", "distill_epochs", "seed")
+# what a plan file written before a field existed was made with
+PLAN_FIELD_DEFAULTS = {"distill_epochs": 0}
+
+
 class OptionError(ValueError):
     """An option has the wrong name, type or value; the message says which and what is allowed."""
 
@@ -44,8 +50,9 @@ class Options:
         outputs, KL to the dense model for language models); 0 keeps the per-layer fits. On
         SmolLM2-135M's held-out text 1 / 2 / 3 epochs gave perplexity ratio 2.47 / 2.36 / 2.33
         at 50% active (benchmarks/results/router_ablation.md, sections F and G); an epoch costs
-        about 35 s there on a 2-core CPU, so the default is 2, which keeps the plan under 3
-        minutes. Kept only if a calibration batch shows it helps.
+        35-60 s there on a 2-core CPU, and with 2 epochs (the default) planning SmolLM2 took
+        179-201 s in three measurements: 1 keeps it under 3 minutes. Kept only if a calibration
+        batch shows it helps.
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -112,8 +119,9 @@ class Options:
         return cls(**options)
 
     def plan_key(self) -> tuple:
-        """The options that shape a plan (permutation and routers); tau and method are not."""
-        return (self.expert_size, self.calibration_tokens, self.distill_epochs, self.seed)
+        """The options that shape a plan (permutation and routers), in PLAN_FIELDS order; tau and
+        method are not among them."""
+        return tuple(getattr(self, name) for name in PLAN_FIELDS)
 
     def replace(self, **changes) -> Options:
         return dataclasses.replace(self, **changes)

@@ -8,7 +8,7 @@ from tabulate import tabulate
 
 from . import plan as plans
 from .ffn import REGISTRY, SparseFFN
-from .options import check_tau
+from .options import PLAN_FIELDS, check_tau
 
 
 def _states(compiled) -> list[SparseFFN]:
@@ -61,12 +61,9 @@ def save_plan(compiled, path) -> None:
     if not states:
         raise ValueError("ppcompile: this model has no plan yet: compile it and call it once first")
     keys = {s.plan_key for s in states}
-    (expert_size, calibration_tokens, distill_epochs, seed), = \
-        keys if len(keys) == 1 else [states[0].plan_key]
+    key = keys.pop() if len(keys) == 1 else states[0].plan_key
     fingerprint = plans.graph_fingerprint([], [s.signature for s in states])
-    plans.save(path, states, fingerprint, dict(expert_size=expert_size,
-                                               calibration_tokens=calibration_tokens,
-                                               distill_epochs=distill_epochs, seed=seed))
+    plans.save(path, states, fingerprint, dict(zip(PLAN_FIELDS, key)))
 
 
 def report(compiled) -> Report:

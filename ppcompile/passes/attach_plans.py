@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .. import plan as plans
 from ..ffn import REGISTRY, SparseFFN
-from ..options import OptionError
+from ..options import PLAN_FIELD_DEFAULTS, PLAN_FIELDS, OptionError
 from .build_experts import permute_neurons_
 
 
@@ -112,9 +112,7 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             tau=torch.tensor(1.0, dtype=torch.float32, device=on_device["device"]),
             tau_table=tensors.get(f"{i}.tau_table"),
             perm=perm, signature=signature,
-            # plans written before distill_epochs existed had none
-            plan_key=(opts["expert_size"], opts["calibration_tokens"],
-                      opts.get("distill_epochs", 0), opts["seed"]),
+            plan_key=tuple({**PLAN_FIELD_DEFAULTS, **opts}[name] for name in PLAN_FIELDS),
             plan_file=path)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
         _adopt(ffn, state, ctx)

@@ -133,8 +133,8 @@ def _distill(gm, ctx, planned):
             state.router_b.copy_(b)
     seconds = time.perf_counter() - start
     curves = budget_tables(planned)
-    for ffn, _ in planned:
-        if not verdict["kept"]:
+    if not verdict["kept"]:
+        for ffn, _ in planned:
             ffn.state.tau_table = None
     loss_after = _check_loss(sparse_copy(gm, planned), ctx, planned, check_tau, batches[0],
                              dense_check, logits_width)

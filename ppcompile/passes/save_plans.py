@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import plan as plans
+from ..options import PLAN_FIELDS
 
 
 def save_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -24,11 +25,7 @@ def save_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     calibration = plans.data_hash(opts.calibration)
     path = plans.cache_path(fingerprint, opts.plan_key(), calibration or "inputs")
     plans.save(path, [f.state for f in ffns if f.state is not None], fingerprint,
-               plan_options(opts), calibration={"sha": calibration})
+               dict(zip(PLAN_FIELDS, opts.plan_key())), calibration={"sha": calibration})
     gm.meta["ppcompile_plan_path"] = str(path)
     return gm
 
-
-def plan_options(opts) -> dict:
-    return dict(expert_size=opts.expert_size, calibration_tokens=opts.calibration_tokens,
-                distill_epochs=opts.distill_epochs, seed=opts.seed)

@@ -94,11 +94,11 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     return gm
 
 
-def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
+def fit_budget(gm: fx.GraphModule, ctx, planned):
     """Layer budget of the planned FFNs [(ffn, weights)] from their calibration samples and
     current routers, checked on a calibration batch (check_budget): sets each state's tau_table
-    (None where the check drops the budget) and its tau to options.tau. Returns the check's
-    numbers, also stored as gm.meta["ppcompile_budget"], with the budget curves under "curves",
+    (None where the check drops the budget) and its tau to options.tau. Stores the check's
+    numbers as gm.meta["ppcompile_budget"], with the budget curves under "curves",
     and for distill_routers (which pops them) the check batch's dense outputs under "dense" and
     the distill_loss of the routers and thresholds in place at the lower fraction under "loss"."""
     curves = budget_tables(planned)
@@ -117,7 +117,6 @@ def fit_budget(gm: fx.GraphModule, ctx, planned) -> dict:
     # outputs and the loss of the routers and thresholds now in place at the lower fraction
     verdict["loss"] = verdict.pop("losses")["budget" if verdict["kept"] else "model_tau"]
     gm.meta["ppcompile_budget"] = verdict
-    return verdict
 
 
 def budget_tables(planned) -> list:
