@@ -394,15 +394,17 @@ def profile_kernels(clock, l2_bytes):
 # (shape, batch) -> (active fractions, plan changes); 0.0 keeps one expert (the fixed cost alone),
 # 1.0 runs at tau = 1. Plan changes may also name `expert_size` (routers of d_ff / s experts on the
 # same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
-# 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts).
-# This one asks whether batch 8 (tensor cores, 16-token tiles) streams better with wider
-# neuron steps or deeper pipelines than run 6's single knobs tried.
+# 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
+# run 22: batch-8 neuron steps). This one asks what the batch-8 fixed costs are worth: the
+# tensor-core router split over d (router_split=1 is the previous plan), the selection kernel's
+# warps, and wider steps where the weights are bf16.
 SWEEP = {
     ((4096, 14336), 8): ([0.25], [
-        {}, dict(up_sub=32), dict(up_sub=64), dict(up_block_k=256), dict(up_sub=32, up_stages=4),
-        dict(up_sub=64, up_warps=8), dict(up_sub=32, up_block_k=256), dict(up_stages=5),
-        dict(down_block_q=128), dict(down_block_d=256), dict(down_stages=5),
+        {}, dict(router_split=1), dict(sel_warps=8), dict(sel_warps=8, router_split=8),
+        dict(up_sub=64), dict(down_block_q=128), dict(down_ks=16),
     ]),
+    ((2048, 8192), 8): ([0.25], [{}, dict(router_split=1), dict(sel_warps=8)]),
+    ((576, 1536), 8): ([0.25], [{}, dict(router_split=1), dict(sel_warps=8)]),
 }
 
 

@@ -200,6 +200,8 @@ PLANS = [
     (3, dict()),                                                 # tensor cores from 3 tokens
     (8, dict(up_dot=False, down_dot=False, router_dot=False, tile_m=8, fuse_down=True)),
     (8, dict(up_block_k=16, down_block_q=16, down_block_d=16)),  # tensor cores, small blocks
+    (8, dict(router_block_k=16, router_split=3)),                # router split over d (uneven)
+    (1, dict(router_block_k=16, router_split=2)),                # ... read by the fused selection
     (16, dict(sel_n=4, down_ks=1)),
     (12, dict(sel_n=16)),                                        # one selection program a tile
     (40, dict(tile_m=16, down_ks=2)),                            # 3 token tiles, split-K
@@ -257,7 +259,8 @@ def test_tau_one_skips_the_router(n, monkeypatch):
     for tau, written in [(1.0, False), (0.6, True)]:
         buffers.clear()
         _, _, keep = run_and_check(ffn, tau, "silu", 16)
-        logits = [b for b in buffers if b.dtype == torch.float32 and tuple(b.shape) == (n, 8)]
+        logits = [b for b in buffers
+                  if b.dtype == torch.float32 and tuple(b.shape) == (1, n, 8)]
         assert len(logits) == 1
         assert bool(logits[0].isnan().all()) != written
         assert bool(keep.all()) == (not written)

@@ -200,11 +200,14 @@ def _router_kernel(
     z64_ptr, n_z64, zf32_ptr, n_zf32, zi32_ptr, n_zi32,
     N, D, E,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, ZBLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, SPLIT: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
-    pe = tl.program_id(0)
+    # SPLIT > 1: program (block of experts, r) sums its K_STEPS steps of D starting at step
+    # r * K_STEPS into logits[r]; the readers add the SPLIT partial logits up
+    pe = tl.program_id(0) // SPLIT
+    r = tl.program_id(0) % SPLIT
     pn = tl.program_id(1)
-    lin = pn * tl.num_programs(0) + pe
+    lin = pn * tl.num_programs(0) + tl.program_id(0)
     nprog = tl.num_programs(0) * tl.num_programs(1)
     # workspaces that later kernels accumulate into start at zero (no memset launch)
     _zero(z64_ptr, n_z64, lin, nprog, ZBLOCK)
@@ -223,29 +226,34 @@ def _router_kernel(
         e_ok = es < E
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-        for ks in range(K_STEPS):
-            k = ks * BLOCK_K + kk
+        for ks in range(K_STEPS):  # a constant trip count: one step unrolls, no loop
+            k = (r * K_STEPS + ks) * BLOCK_K + kk
             k_ok = k < D
             xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wk = tl.load(rw_ptr + es[:, None] * stride_re + k[None, :] * stride_rk,
                          mask=e_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mac(xk, wk, acc, USE_DOT, IEEE)
-        acc += tl.load(rb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(logits_ptr + rows[:, None] * E + es[None, :], acc,
+        if r == 0:
+            acc += tl.load(rb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(logits_ptr + (r * N + rows[:, None]) * E + es[None, :], acc,
                  mask=row_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
 def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
-                   TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr):
+                   TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr,
+                   SPLIT: tl.constexpr):
     # SEL_N divides TILE_M: all tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
     rows = row0 + tl.arange(0, SEL_N)
     cols = tl.arange(0, E_PAD)
     valid = (rows[:, None] < N) & (cols[None, :] < E)
-    logits = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=valid,
-                     other=float("-inf"))
+    logits = tl.zeros([SEL_N, E_PAD], tl.float32)
+    for r in tl.static_range(SPLIT):  # the router's partial sums over slices of D
+        logits += tl.load(logits_ptr + (r * N + rows[:, None]) * E + cols[None, :], mask=valid,
+                          other=0.0)
+    logits = tl.where(valid, logits, float("-inf"))
     keep = _select(logits, valid, rows < N, tl.load(tau_ptr), E, TOPK)
     bits = _token_bits(keep, rows % TILE_M, SEL_N)
     tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
@@ -269,6 +277,7 @@ def _up_kernel(
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
+    R_SPLIT: tl.constexpr,
 ):
     # K_STEPS = cdiv(D, BLOCK_K) as a constant: with one step the K loop disappears and all of a
     # block's weight loads (gate, up and, fused, down) are issued together
@@ -284,8 +293,11 @@ def _up_kernel(
         # one tile of at most a few tokens: every program selects by itself (identical results)
         # instead of waiting for a selection kernel
         valid = row_ok[:, None] & (eidx[None, :] < E)
-        logits = tl.load(logits_ptr + rows[:, None] * E + eidx[None, :], mask=valid,
-                         other=float("-inf"))
+        logits = tl.zeros([BLOCK_N, E_PAD], tl.float32)
+        for r in tl.static_range(R_SPLIT):
+            logits += tl.load(logits_ptr + (r * N + rows[:, None]) * E + eidx[None, :],
+                              mask=valid, other=0.0)
+        logits = tl.where(valid, logits, float("-inf"))
         keep = _select(logits, valid, row_ok, tl.load(tau_ptr), E, TOPK)
         bits = _token_bits(keep, tok, BLOCK_N)
         if p == 0:
@@ -447,6 +459,7 @@ class Plan:
     router_block_e: int
     router_block_k: int
     router_warps: int
+    router_split: int       # router programs per block of experts, each a slice of d
     sel_n: int              # tokens per program of _select_kernel
     sel_warps: int
     up_programs: int        # programs per token tile of _up_kernel
@@ -519,10 +532,17 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         rbe = max(1, min(16, _floor_pow2(n_exp // (2 * n_sm)))) if n_exp >= 4 * n_sm else 1
         rbe = 16 if router_dot else rbe
         rbk = min(d_pad, 256) if router_dot else min(d_pad, max(64, 8192 // (n_pad * rbe)))
+        # tensor-core router: 16-expert blocks give too few programs to keep the HBM busy
+        # (4096x14336: 56 programs, 9.9 us for 7 MB at batch 8 on an H100, run 14); split d
+        # among ~2 x SMs programs, the readers sum the partial logits
+        n_rblocks = triton.cdiv(n_exp, rbe)
+        rsplit = (max(1, min(triton.cdiv(d, rbk), (2 * n_sm) // n_rblocks)) if router_dot
+                  else 1)
         base = dict(
             tile_m=tile_m, fused_select=n_tokens <= 2, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
-            router_block_e=rbe, router_block_k=rbk, router_warps=4, sel_n=1, sel_warps=4,
+            router_block_e=rbe, router_block_k=rbk, router_warps=4, router_split=rsplit,
+            sel_n=1, sel_warps=4,
             up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
@@ -538,6 +558,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             tile_m=tile_m, fused_select=False, fuse_down=False,
             up_dot=True, down_dot=True, router_dot=True,
             router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
+            router_split=1,
             sel_n=max(1, min(16, 8192 // e_pad)), sel_warps=4,
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
             up_unit=up_sub, up_warps=4, up_stages=3,
@@ -558,6 +579,8 @@ def _check(p: Plan, n_tokens: int):
         v = getattr(p, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"plan: {name}={v} must be a power of two")
+    if p.router_split < 1:
+        raise ValueError(f"plan: router_split={p.router_split} must be >= 1")
     if p.tile_m > MAX_TILE_TOKENS or p.tile_m % p.sel_n:
         raise ValueError(f"plan: tile_m={p.tile_m} must be <= {MAX_TILE_TOKENS} and a multiple "
                          f"of sel_n={p.sel_n}")
@@ -647,7 +670,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
 
     need_acc = p.fuse_down or split_down
     n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
-    logits = _empty((n, n_exp), torch.float32, dev)
+    logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
     bits = _empty((n_mtiles, n_exp), torch.int64, dev)
     counts = _empty((2,), torch.float64, dev)
     y = _empty((n, d_out), dtype, dev)
@@ -664,7 +687,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
     #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
     r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
-    r_grid = (triton.cdiv(n_exp, p.router_block_e), triton.cdiv(n, r_block_n))
+    r_grid = (triton.cdiv(n_exp, p.router_block_e) * p.router_split, triton.cdiv(n, r_block_n))
+    r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
     n_zero_bits = 0 if p.fused_select else bits.numel()
     n_zero_acc = acc.numel() if need_acc else 0
     n_zero = max(n_zero_bits, n_zero_acc, n_counters, 1)
@@ -676,7 +700,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         n, d, n_exp,
         USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
         BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k,
-        K_STEPS=triton.cdiv(d, p.router_block_k), ZBLOCK=zblock,
+        K_STEPS=r_steps, SPLIT=p.router_split, ZBLOCK=zblock,
         num_warps=p.router_warps,
     )
 
@@ -684,7 +708,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     if not p.fused_select:
         wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
             logits, tau, bits, counts, n, n_exp, s,
-            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, num_warps=p.sel_warps,
+            TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, SPLIT=p.router_split,
+            num_warps=p.sel_warps,
         )
 
     # 3. up (+ down when fused)
@@ -705,7 +730,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
-        E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit,
+        E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit, R_SPLIT=p.router_split,
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
 
