@@ -395,16 +395,17 @@ def profile_kernels(clock, l2_bytes):
 # 1.0 runs at tau = 1. Plan changes may also name `expert_size` (routers of d_ff / s experts on the
 # same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
 # 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
-# run 22: batch-8 neuron steps). This one asks what the batch-8 fixed costs are worth: the
-# tensor-core router split over d (router_split=1 is the previous plan), the selection kernel's
-# warps, and wider steps where the weights are bf16.
+# run 22: batch-8 neuron steps; run 23: the router split, selection warps). This one asks whether
+# the batch-8 down kernel (half the floor's speed in run 23's profile) reads better in wider
+# column runs, more programs or more warps; "previous" is the plan before run 23.
+PREVIOUS_B8 = dict(up_sub=32, down_block_q=64)
 SWEEP = {
     ((4096, 14336), 8): ([0.25], [
-        {}, dict(router_split=1), dict(sel_warps=8), dict(sel_warps=8, router_split=8),
-        dict(up_sub=64), dict(down_block_q=128), dict(down_ks=16),
+        {}, PREVIOUS_B8, dict(down_warps=8), dict(down_block_d=256, down_ks=16),
+        dict(down_block_d=512, down_ks=32, down_block_q=32), dict(down_ks=4),
+        dict(sel_warps=8), dict(down_stages=4),
     ]),
-    ((2048, 8192), 8): ([0.25], [{}, dict(router_split=1), dict(sel_warps=8)]),
-    ((576, 1536), 8): ([0.25], [{}, dict(router_split=1), dict(sel_warps=8)]),
+    ((4096, 11008), 8): ([0.25], [{}, PREVIOUS_B8]),
 }
 
 

@@ -491,13 +491,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: int,
-         kind: str | None = None, dot: bool | None = None, **overrides) -> Plan:
+         kind: str | None = None, dot: bool | None = None, elem_bytes: int = 2,
+         **overrides) -> Plan:
     """The shape table. Rules and the measurements they come from: benchmarks/KERNELS.md.
 
     kind: "decode" (persistent programs, each a slice of the union's neurons, exactly balanced)
     or "prefill" (one program per token tile x 64-neuron block, like a grouped GEMM); None picks
     decode up to DECODE_MAX_N tokens. dot: decode on tensor cores (None: above 2 tokens).
-    overrides: Plan fields."""
+    elem_bytes: bytes per weight element (the pipelined tensor-core tiles must fit in shared
+    memory). overrides: Plan fields."""
     n_exp = d_ff // expert_size
     e_pad = max(2, _pow2(n_exp))
     d_pad, do_pad = _pow2(d), _pow2(d_out)
@@ -515,10 +517,11 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         up_block_k = 128 if dot else min(d_pad, max(256, 4096 // n_pad))
         # CUDA cores: [SUB, BLOCK_K] weight tiles of <= 8192 elements keep the one-token kernel
         # (gate, up and down tiles in flight at once) near 80 registers: 2 programs per SM
-        # tensor cores: 32 neurons per step keep twice the weight bytes in flight as 16 did;
-        # 4096x14336, 8 tokens, 25% active, H200 (run 22): 125.8 us vs 158.2 (64: 122.6, but
-        # 64 x 128 fp32 tiles x 3 stages would not fit in shared memory)
-        up_sub = 32 if dot else max(1, min(8, 8192 // (n_pad * up_block_k)))
+        # tensor cores: wider steps keep more weight bytes in flight; 4096x14336, 8 tokens, 25%
+        # active, H200 (runs 22, 23): 16 / 32 / 64 neurons per step 158.2 / 123.3 / 119.8 us.
+        # 64 x 128 fp32 tiles (gate and up, 3 stages) would not fit in shared memory
+        wide = 64 if elem_bytes <= 2 else 32
+        up_sub = wide if dot else max(1, min(8, 8192 // (n_pad * up_block_k)))
         fuse_down = not dot and n_pad * do_pad <= 8192 and up_sub * do_pad <= 16384
         down_block_d = 128 if dot else min(do_pad, max(64, 4096 // n_pad))
         n_dtiles = triton.cdiv(d_out, down_block_d)
@@ -545,7 +548,8 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             sel_n=1, sel_warps=4,
             up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
-            down_block_q=64 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
+            # 128 neurons per step: 123.3 -> 120.3 us (same case, run 23)
+            down_block_q=wide * 2 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
             down_block_d=down_block_d, down_ks=max(1, (2 * n_sm) // n_dtiles),
             down_warps=4 if dot else 8, down_stages=3 if dot else 1,
         )
@@ -641,7 +645,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     elif tau.dtype != torch.float32:
         tau = tau.float()
 
-    p = plan(n_tokens, d, d_out, d_ff, expert_size, _num_sms(x.device), **(config or {}))
+    p = plan(n_tokens, d, d_out, d_ff, expert_size, _num_sms(x.device),
+             elem_bytes=x.element_size(), **(config or {}))
     y, counts, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
                               router_b, tau, ACTIVATIONS[activation], method in TOPK_METHODS,
                               expert_size, p)
