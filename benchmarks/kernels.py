@@ -402,10 +402,16 @@ PREVIOUS_B8 = dict(up_sub=32, down_block_q=64)
 SWEEP = {
     ((4096, 14336), 8): ([0.25], [
         {}, PREVIOUS_B8, dict(down_warps=8), dict(down_block_d=256, down_ks=16),
-        dict(down_block_d=512, down_ks=32, down_block_q=32), dict(down_ks=4),
-        dict(sel_warps=8), dict(down_stages=4),
+        dict(down_block_d=512, down_ks=32, down_block_q=32), dict(down_block_d=64),
+        dict(down_ks=4), dict(down_ks=16), dict(down_stages=2), dict(down_stages=4),
+        dict(sel_warps=8),
     ]),
     ((4096, 11008), 8): ([0.25], [{}, PREVIOUS_B8]),
+    # the one-token router streams 7 MB at ~1.4 TB/s (run 23's profile: 5.2 us)
+    ((4096, 14336), 1): ([0.25], [
+        {}, dict(router_block_e=1), dict(router_block_e=4), dict(router_warps=8),
+        dict(router_warps=2),
+    ]),
 }
 
 
