@@ -395,23 +395,23 @@ def profile_kernels(clock, l2_bytes):
 # 1.0 runs at tau = 1. Plan changes may also name `expert_size` (routers of d_ff / s experts on the
 # same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
 # 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
-# run 22: batch-8 neuron steps; run 23: the router split, selection warps). This one asks whether
-# the batch-8 down kernel (half the floor's speed in run 23's profile) reads better in wider
-# column runs, more programs or more warps; "previous" is the plan before run 23.
+# run 22: batch-8 neuron steps; run 23: the router split, selection warps; run 25: the batch-8
+# down kernel's knobs one at a time, and the one-token router's). This one combines run 25's
+# winners for batch 8 (down_stages=2: 117.3 -> 107.8 us, down_ks=16: 108.1, down_block_d=64:
+# 109.6, sel_warps=8: 113.4), at 25% and at tau = 1; "previous" is the plan before run 23.
 PREVIOUS_B8 = dict(up_sub=32, down_block_q=64)
+S2 = dict(down_stages=2)
 SWEEP = {
-    ((4096, 14336), 8): ([0.25], [
-        {}, PREVIOUS_B8, dict(down_warps=8), dict(down_block_d=256, down_ks=16),
-        dict(down_block_d=512, down_ks=32, down_block_q=32), dict(down_block_d=64),
-        dict(down_ks=4), dict(down_ks=16), dict(down_stages=2), dict(down_stages=4),
-        dict(sel_warps=8),
+    ((4096, 14336), 8): ([0.25, 1.0], [
+        {}, S2, dict(S2, down_ks=16), dict(S2, down_block_d=64), dict(S2, down_ks=16, sel_warps=8),
+        dict(S2, down_block_d=64, down_ks=16), dict(down_ks=16, down_block_d=64),
+        dict(S2, down_ks=16, up_stages=2), dict(S2, down_ks=16, up_stages=4),
+        dict(S2, down_ks=16, down_block_q=64),
     ]),
-    ((4096, 11008), 8): ([0.25], [{}, PREVIOUS_B8]),
-    # the one-token router streams 7 MB at ~1.4 TB/s (run 23's profile: 5.2 us)
-    ((4096, 14336), 1): ([0.25], [
-        {}, dict(router_block_e=1), dict(router_block_e=4), dict(router_warps=8),
-        dict(router_warps=2),
-    ]),
+    ((4096, 11008), 8): ([0.25], [{}, S2, dict(S2, down_ks=16), dict(S2, down_block_d=64)]),
+    ((2048, 8192), 8): ([0.25], [{}, S2, dict(S2, down_ks=16), dict(S2, down_block_d=64)]),
+    ((576, 1536), 8): ([0.25], [{}, S2, dict(S2, down_ks=16)]),
+    ((4096, 14336), 1): ([0.25], [{}, dict(router_block_e=1)]),
 }
 
 

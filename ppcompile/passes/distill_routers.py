@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from .calibrate import calibration_batches
-from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_loss, model_tau_for,
-                            sparse_copy, with_ffn_outputs)
+from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
+                            distill_loss, model_tau_for, sparse_copy, with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -103,7 +103,7 @@ def _distill(gm, ctx, planned):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            losses = []
+            losses, grad_buffer = [], None
             for _ in range(opts.distill_epochs):
                 order = torch.randperm(len(batches), generator=gen).tolist()
                 for first in range(0, len(order), per_update):
@@ -118,10 +118,10 @@ def _distill(gm, ctx, planned):
                         if index:  # batch 0's dense outputs are computed once, above
                             with torch.no_grad():
                                 dense = _floats(gm(*_fresh(batches[index])))
-                        loss = distill_loss(_floats(student(*_fresh(batches[index]))),
-                                             dense, logits_width) / len(group)
-                        loss.backward()
-                        total += float(loss.detach())
+                        loss, grad_buffer = distill_backward(
+                            _floats(student(*_fresh(batches[index]))), dense, logits_width,
+                            1.0 / len(group), grad_buffer)
+                        total += loss / len(group)
                     optimizer.step()
                     losses.append(total)
         finally:
@@ -193,7 +193,7 @@ def _check_loss(sparse, ctx, planned, tau, batch, dense, logits_width) -> float:
     for ffn, _ in planned:
         ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
     with torch.no_grad():
-        loss = float(distill_loss(_floats(sparse(*_fresh(batch))), dense, logits_width))
+        loss = distill_loss(_floats(sparse(*_fresh(batch))), dense, logits_width)
     for ffn, _ in planned:
         ffn.state.set_tau(ctx.options.tau)
     return loss

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from itertools import repeat
 
 import torch
 import torch.fx as fx
@@ -269,9 +270,9 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
             for ffn, _ in planned:
                 ffn.state.tau.fill_(ffn.state.ffn_tau(tau) if kind == "budget" else tau)
             got = outputs(sparse)
-            num = sum(float((a - b).square().sum()) for a, b in zip(got, dense))
-            found.append(num / max(sum(float(b.square().sum()) for b in dense), 1e-30))
-            losses.setdefault(kind, float(distill_loss(got, dense, logits_width)))
+            num = sum(_sum_sq(a, b) for a, b in zip(got, dense))
+            found.append(num / max(sum(_sum_sq(b) for b in dense), 1e-30))
+            losses.setdefault(kind, distill_loss(got, dense, logits_width))
     gain = sum(math.log(max(b, 1e-30) / max(g, 1e-30))
                for b, g in zip(errors["budget"], errors["model_tau"]))
     return dict(kept=gain < 0, taus=taus, **errors, losses=losses, dense=dense)
@@ -280,16 +281,80 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
 LOGITS_WIDTH = 4  # an output at least this many times wider than d_model is logits
 
 
-def distill_loss(got, want, logits_width):
+# Temporaries of outputs as large as a model's logits (SmolLM2, 2048 tokens: 400 MB) are made in
+# slices of at most this many elements: each fresh large buffer is page-faulted in, which on
+# the 2-core machines took 0.6-0.8 s per 400 MB once the process held a few GB (a log_softmax
+# of SmolLM2's calibration logits: 0.81 s in the plan passes, 0.12 s in a fresh process), and
+# the unsliced loss made ten of them per distillation update
+SLICE_ELEMENTS = 1 << 22
+
+
+def _row_slices(t):
+    """t as 2-D rows (last dimension kept), in slices of at most SLICE_ELEMENTS elements."""
+    rows = t.reshape(-1, t.shape[-1])
+    step = max(1, SLICE_ELEMENTS // max(1, rows.shape[1]))
+    return [rows[i:i + step] for i in range(0, rows.shape[0], step)]
+
+
+def _sum_sq(a, b=None) -> float:
+    """||a - b||^2 (||a||^2 without b), in fp64, a slice at a time."""
+    with torch.no_grad():
+        pairs = zip(_row_slices(a), _row_slices(b) if b is not None else repeat(None))
+        return sum(float((x.float() - y.float() if y is not None else x.float()).square()
+                         .sum(dtype=torch.float64)) for x, y in pairs)
+
+
+def _logits(got, want, logits_width):
+    """The first (got, want) pair of logits-like outputs (last dimension >= logits_width)."""
+    return next(((g, w) for g, w in zip(got, want) if w.shape[-1] >= logits_width), None)
+
+
+def _kl(got, want, grad=None) -> float:
+    """Mean over tokens of KL(softmax(want) || softmax(got)), a slice of tokens at a time; with
+    grad (fp32, got's shape) its gradient with respect to got is written there."""
+    total, n = 0.0, got.numel() // got.shape[-1]
+    grads = _row_slices(grad) if grad is not None else repeat(None)
+    with torch.no_grad():
+        for g, w, out in zip(_row_slices(got), _row_slices(want), grads):
+            logp_want = w.float().log_softmax(-1)
+            logp_got = g.float().log_softmax(-1)
+            p_want = logp_want.exp()
+            total += float((p_want * (logp_want - logp_got)).sum(dtype=torch.float64))
+            if out is not None:
+                torch.sub(logp_got.exp_(), p_want, out=out).div_(n)
+    return total / n
+
+
+def _relative_sq_error(got, want):
+    num = sum((g.float() - w.float()).square().sum() for g, w in zip(got, want))
+    return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
+
+
+def distill_loss(got, want, logits_width) -> float:
     """The distillation objective of outputs `got` against dense outputs `want`: KL(dense ||
     sparse) on the first logits-like output (last dimension >= logits_width), else the relative
     squared error of all of them."""
-    for g, w in zip(got, want):
-        if w.shape[-1] >= logits_width:
-            logp_want = w.float().log_softmax(-1)
-            return (logp_want.exp() * (logp_want - g.float().log_softmax(-1))).sum(-1).mean()
-    num = sum((g.float() - w.float()).square().sum() for g, w in zip(got, want))
-    return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
+    pair = _logits(got, want, logits_width)
+    if pair is not None:
+        return _kl(*pair)
+    with torch.no_grad():
+        return float(_relative_sq_error(got, want))
+
+
+def distill_backward(got, want, logits_width, scale, buffer=None):
+    """Backpropagates scale x distill_loss(got, want) through got's graph. Returns the loss and
+    the buffer that held the logits' gradient (pass it back next time: reused, not re-faulted)."""
+    pair = _logits(got, want, logits_width)
+    if pair is None:
+        loss = _relative_sq_error(got, want)
+        (loss * scale).backward()
+        return float(loss), buffer
+    g, w = pair
+    if buffer is None or buffer.shape != g.shape:
+        buffer = torch.empty(g.shape, dtype=torch.float32)
+    loss = _kl(g.detach(), w, buffer)
+    g.backward(buffer.mul_(scale).to(g.dtype))
+    return loss, buffer
 
 
 def sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
