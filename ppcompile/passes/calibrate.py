@@ -10,7 +10,8 @@ memory stays bounded however much text is given. "weight" is, per token, the sha
 contribution in the residual stream it is added to, ||c||^2 / ||r + c||^2 (c: the FFN output, or
 what a norm after it makes of it; found as the first add after the FFN that adds it to a tensor
 not computed from it), or 1 where no such add exists: how much an error in this FFN's output
-moves what the next layer sees. Deterministic for a given seed.
+moves what the next layer sees. The graph's dense outputs on the calibration batches stay in
+gm.meta["ppcompile_dense"] while they fit DENSE_KEEP_BYTES. Deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from ..graph import concrete, is_user_input
 from ..options import OptionError
+
+
+# The dense outputs of the calibration batches stay (gm.meta["ppcompile_dense"]: batch index ->
+# floating_outputs) for the budget check and the distillation, which would otherwise run the
+# dense graph again (SmolLM2: 7 more passes over 2048 tokens, ~25 s), while they fit in this
+# many bytes; distill_routers releases them
+DENSE_KEEP_BYTES = 2 << 30
 
 
 def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -36,17 +45,28 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     observed = _observed_copy(gm, todo, sampler)
     restore_inputs = input_restorer(ctx)
     start = time.perf_counter()
+    dense, dense_bytes = {}, 0
     with torch.no_grad():
-        for inputs in tqdm(batches, desc="ppcompile: calibrating", unit="batch", leave=False,
-                           disable=len(batches) < 2):
-            observed(*inputs)
+        for index, inputs in enumerate(tqdm(batches, desc="ppcompile: calibrating", unit="batch",
+                                            leave=False, disable=len(batches) < 2)):
+            out = floating_outputs(observed(*inputs))
+            size = sum(t.numel() * t.element_size() for t in out)
+            if dense_bytes + size <= DENSE_KEEP_BYTES:
+                dense[index], dense_bytes = out, dense_bytes + size
             sampler.next_batch()
             restore_inputs()
+    gm.meta["ppcompile_dense"] = dense
     for ffn in todo:
         ffn.sample = sampler.result(ffn)
     print(f"ppcompile: calibrated {len(todo)} FFNs on {sampler.total_rows} tokens "
           f"({len(batches)} batches) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return gm
+
+
+def floating_outputs(out) -> list:
+    """The floating-point tensors of a graph's output, in float32."""
+    return [t.float() for t in tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def input_restorer(ctx):

@@ -16,8 +16,8 @@ together on what the model outputs:
   outputs (encoders);
 - Adam on the routers only, each router's lr DISTILL_LR / RMS of its FFN's input (so a step
   moves router logits alike whatever the input's scale), options.distill_epochs passes over the
-  calibration batches, one update per >= TOKENS_PER_UPDATE tokens, the dense outputs recomputed
-  per batch (batch 0's are the budget check's);
+  calibration batches, one update per >= TOKENS_PER_UPDATE tokens, against the dense outputs
+  calibrate kept (recomputed per batch where they did not fit its memory budget);
 - then the layer budget's tables are refitted on the trained routers (the budget check's verdict
   stands), and the trained routers are kept only if the same loss on the budget check's batch, at
   its lower active fraction, is below that of the fitted routers (not the check's relative L2
@@ -29,7 +29,7 @@ for all routers (3e-3) distillation diverged on Gemma-3-270M (dropped by the che
 scale-free lr it is kept there (held-out ratio at 50% active 2.04 -> 1.92).
 Guarantees: the graph, the model's weights and the graph's inputs are unchanged; only routers
 and tau tables change (in place, same tensors); tau = 1.0 still keeps every expert; the
-calibration samples of all FFNs and the budget check's dense outputs are released.
+calibration samples of all FFNs and the kept dense outputs are released.
 Deterministic for a given seed.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def distill_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     finally:
         for ffn in ffns:
             ffn.sample = None
-        gm.meta.get("ppcompile_budget", {}).pop("dense", None)
+        gm.meta.pop("ppcompile_dense", None)
     return gm
 
 
@@ -76,8 +76,9 @@ def _distill(gm, ctx, planned):
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batches = calibration_batches(gm, ctx)
     check_tau = verdict["taus"][0]  # the lower of check_budget's active fractions
-    # check_budget ran batch 0 dense, and sparse at check_tau on the fitted routers
-    dense_check, loss_before = verdict.pop("dense"), verdict.pop("loss")
+    # calibrate kept the dense outputs of the batches that fit (check_budget: batch 0 always);
+    # check_budget ran batch 0 sparse at check_tau on the fitted routers
+    dense_kept, loss_before = gm.meta["ppcompile_dense"], verdict.pop("loss")
     gen = torch.Generator().manual_seed(opts.seed)
     start = time.perf_counter()
     # the compile may run under no_grad or inference_mode: train on plain tensors
@@ -114,8 +115,8 @@ def _distill(gm, ctx, planned):
                     group = order[first:first + per_update]
                     total = 0.0
                     for index in group:
-                        dense = dense_check
-                        if index:  # batch 0's dense outputs are computed once, above
+                        dense = dense_kept.get(index)
+                        if dense is None:
                             with torch.no_grad():
                                 dense = _floats(gm(*_fresh(batches[index])))
                         loss, grad_buffer = distill_backward(
@@ -137,7 +138,7 @@ def _distill(gm, ctx, planned):
         for ffn, _ in planned:
             ffn.state.tau_table = None
     loss_after = _check_loss(sparse_copy(gm, planned), ctx, planned, check_tau, batches[0],
-                             dense_check, logits_width)
+                             dense_kept[0], logits_width)
     kept = loss_after < loss_before
     if kept:
         verdict["curves"] = curves

@@ -40,12 +40,11 @@ from itertools import repeat
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves
 
 from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask
 from ..plan import neuron_signature
-from .calibrate import calibration_batches, input_restorer
+from .calibrate import calibration_batches, floating_outputs, input_restorer
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
@@ -99,9 +98,10 @@ def fit_budget(gm: fx.GraphModule, ctx, planned):
     """Layer budget of the planned FFNs [(ffn, weights)] from their calibration samples and
     current routers, checked on a calibration batch (check_budget): sets each state's tau_table
     (None where the check drops the budget) and its tau to options.tau. Stores the check's
-    numbers as gm.meta["ppcompile_budget"], with the budget curves under "curves",
-    and for distill_routers (which pops them) the check batch's dense outputs under "dense" and
-    the distill_loss of the routers and thresholds in place at the lower fraction under "loss"."""
+    numbers as gm.meta["ppcompile_budget"], with the budget curves under "curves", and for
+    distill_routers (which pops it) the distill_loss of the routers and thresholds in place at
+    the lower fraction under "loss"; the check batch's dense outputs join
+    gm.meta["ppcompile_dense"] (calibrate)."""
     curves = budget_tables(planned)
     with torch.no_grad():
         verdict = check_budget(gm, ctx, planned, curves, [ffn.d_ff for ffn, _ in planned])
@@ -114,8 +114,8 @@ def fit_budget(gm: fx.GraphModule, ctx, planned):
             ffn.state.tau_table = None
         ffn.state.set_tau(ctx.options.tau)
     verdict["curves"] = curves
-    # what distill_routers' own check starts from (it pops them): the check batch's dense
-    # outputs and the loss of the routers and thresholds now in place at the lower fraction
+    # what distill_routers' own check starts from (it pops it): the loss of the routers and
+    # thresholds now in place at the lower fraction
     verdict["loss"] = verdict.pop("losses")["budget" if verdict["kept"] else "model_tau"]
     gm.meta["ppcompile_budget"] = verdict
 
@@ -246,8 +246,9 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     dense ones (relative L2 error of all floating outputs, geometric mean over the fractions).
     The cost model behind the budget fits some models and not others (measured: it helps
     SmolLM2 a lot, and hurts Gemma-3 and MiniLM), so this measures, on calibration data only.
-    Also returns the dense outputs ("dense") and, per kind, the distill_loss at the lower fraction
-    ("losses"): distill_routers' baseline, so that it need not run these again."""
+    Also returns, per kind, the distill_loss at the lower fraction ("losses"): distill_routers'
+    baseline, so that it need not run these again. The dense outputs are calibrate's when it kept
+    them, else computed here and kept (gm.meta["ppcompile_dense"][0])."""
     taus = [model_tau_for(curves, widths, f) for f in CHECK_FRACTIONS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
@@ -256,12 +257,14 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     sparse = sparse_copy(gm, planned)
 
     def outputs(module):
-        out = [t.float() for t in tree_leaves(module(*batch))
-               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        out = floating_outputs(module(*batch))
         restore_inputs()
         return out
 
-    dense = outputs(gm)
+    kept = gm.meta.setdefault("ppcompile_dense", {})
+    if 0 not in kept:
+        kept[0] = outputs(gm)
+    dense = kept[0]
     errors = {"budget": [], "model_tau": []}
     losses = {}
     logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
@@ -275,7 +278,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
             losses.setdefault(kind, distill_loss(got, dense, logits_width))
     gain = sum(math.log(max(b, 1e-30) / max(g, 1e-30))
                for b, g in zip(errors["budget"], errors["model_tau"]))
-    return dict(kept=gain < 0, taus=taus, **errors, losses=losses, dense=dense)
+    return dict(kept=gain < 0, taus=taus, **errors, losses=losses)
 
 
 LOGITS_WIDTH = 4  # an output at least this many times wider than d_model is logits
