@@ -351,7 +351,7 @@ def distill_backward(got, want, logits_width, scale, buffer=None):
     if pair is None:
         loss = _relative_sq_error(got, want)
         (loss * scale).backward()
-        return float(loss), buffer
+        return float(loss.detach()), buffer
     g, w = pair
     if buffer is None or buffer.shape != g.shape:
         buffer = torch.empty(g.shape, dtype=torch.float32)
