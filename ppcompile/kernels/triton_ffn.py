@@ -11,8 +11,8 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
   token t of tile m keeps expert e (so a tile has at most 64 tokens).
 * Kernels (launch order):
     1. _router_kernel: router logits (fp32) into a workspace (not at tau >= 1, which keeps every
-       expert); it also zeroes every workspace the later kernels accumulate into, so no memset
-       launch is needed.
+       expert), as router_split partial sums over slices of d that the selection adds up; it also
+       zeroes every workspace the later kernels accumulate into, so no memset launch is needed.
     2. _select_kernel: per token softmax + top-p selection (or, for the "topk"/"static" methods,
        the round(tau * E) highest logits), OR-ed into bits. Skipped for one or two tokens: the
        expert kernel then selects itself (see FUSED_SELECT).
