@@ -395,23 +395,18 @@ def profile_kernels(clock, l2_bytes):
 # 1.0 runs at tau = 1. Plan changes may also name `expert_size` (routers of d_ff / s experts on the
 # same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
 # 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
-# run 22: batch-8 neuron steps; run 23: the router split, selection warps; run 25: the batch-8
-# down kernel's knobs one at a time, and the one-token router's). This one combines run 25's
-# winners for batch 8 (down_stages=2: 117.3 -> 107.8 us, down_ks=16: 108.1, down_block_d=64:
-# 109.6, sel_warps=8: 113.4), at 25% and at tau = 1; "previous" is the plan before run 23.
-PREVIOUS_B8 = dict(up_sub=32, down_block_q=64)
-S2 = dict(down_stages=2)
+# run 22: batch-8 neuron steps; run 23: the router split, selection warps; runs 25-26: the batch-8
+# down kernel, the one-token router). This one asks whether the one-token up kernel (CUDA cores,
+# fused down projection, one step of SUB neurons in flight per program) streams better with
+# software pipelining, other step sizes, warps or programs, at 25% and 100% active.
 SWEEP = {
-    ((4096, 14336), 8): ([0.25, 1.0], [
-        {}, S2, dict(S2, down_ks=16), dict(S2, down_block_d=64), dict(S2, down_ks=16, sel_warps=8),
-        dict(S2, down_block_d=64, down_ks=16), dict(down_ks=16, down_block_d=64),
-        dict(S2, down_ks=16, up_stages=2), dict(S2, down_ks=16, up_stages=4),
-        dict(S2, down_ks=16, down_block_q=64),
+    ((4096, 14336), 1): ([0.25, 1.0], [
+        {}, dict(up_stages=2), dict(up_stages=3), dict(up_sub=1), dict(up_sub=4),
+        dict(up_sub=4, up_block_k=2048), dict(up_sub=8, up_block_k=1024), dict(up_warps=4),
+        dict(up_warps=16), dict(up_programs_x=3), dict(up_programs_x=4),
+        dict(up_sub=1, up_programs_x=4), dict(up_stages=2, up_sub=4, up_block_k=2048),
     ]),
-    ((4096, 11008), 8): ([0.25], [{}, S2, dict(S2, down_ks=16), dict(S2, down_block_d=64)]),
-    ((2048, 8192), 8): ([0.25], [{}, S2, dict(S2, down_ks=16), dict(S2, down_block_d=64)]),
-    ((576, 1536), 8): ([0.25], [{}, S2, dict(S2, down_ks=16)]),
-    ((4096, 14336), 1): ([0.25], [{}, dict(router_block_e=1)]),
+    ((4096, 11008), 1): ([0.25], [{}, dict(up_stages=2), dict(up_sub=4, up_block_k=2048)]),
 }
 
 
