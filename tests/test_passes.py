@@ -218,11 +218,48 @@ def train_routers_budget_again(gm, ctx):
     return gm
 
 
+def test_dense_outputs_past_the_memory_budget_are_recomputed(monkeypatch):
+    """calibrate keeps no dense output that does not fit DENSE_KEEP_BYTES; the budget check keeps
+    batch 0's, and the distillation runs the dense graph for the others."""
+    monkeypatch.setattr(importlib.import_module("ppcompile.passes.calibrate"),
+                        "DENSE_KEEP_BYTES", 0)
+    _, gm, ctx = planned_graph(distill_epochs=1)
+    assert sorted(gm.meta["ppcompile_dense"]) == [0]
+    gm = distill_routers(gm, ctx)
+    assert "ppcompile_dense" not in gm.meta and len(gm.meta["ppcompile_distill"]["losses"]) > 0
+
+
+@pytest.mark.parametrize("vocab", [7, 300])
+def test_sliced_distillation_loss_matches_autograd(vocab, monkeypatch):
+    """The KL loss and its hand-written gradient, a slice of tokens at a time (slices smaller
+    than a row too), are the unsliced autograd ones; so is the budget check's squared error."""
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    monkeypatch.setattr(tr, "SLICE_ELEMENTS", 250)
+    g = torch.Generator().manual_seed(0)
+    got = (torch.randn(3, 5, vocab, generator=g) * 3).requires_grad_(True)
+    want = torch.randn(3, 5, vocab, generator=g) * 3
+    logp_want = want.log_softmax(-1)
+    ref = (logp_want.exp() * (logp_want - got.log_softmax(-1))).sum(-1).mean()
+    (grad_ref,) = torch.autograd.grad(ref, got)
+    assert tr.distill_loss([got], [want], 5) == pytest.approx(float(ref), rel=1e-5)
+    loss, buffer = tr.distill_backward([got], [want], 5, 0.5)
+    assert loss == pytest.approx(float(ref), rel=1e-5)
+    assert torch.allclose(got.grad, 0.5 * grad_ref, atol=1e-7)
+    assert tr.distill_backward([got], [want], 5, 0.5, buffer)[1] is buffer  # reused
+    assert tr._sum_sq(got, want) == pytest.approx(float((got - want).square().sum()), rel=1e-5)
+    # narrower than logits: the relative squared error, through autograd
+    enc = torch.randn(4, 3, generator=g, requires_grad=True)
+    target = torch.randn(4, 3, generator=g)
+    expected = float((enc - target).square().sum() / target.square().sum())
+    assert tr.distill_backward([enc], [target], 5, 1.0)[0] == pytest.approx(expected, rel=1e-6)
+    assert enc.grad is not None
+
+
 def test_distill_routers_off_releases_samples_and_changes_nothing():
     _, gm, ctx = planned_graph(distill_epochs=0)
     routers = [f.state.router_w.clone() for f in gm.meta["ppcompile_ffns"]]
     gm = distill_routers(gm, ctx)
-    assert "ppcompile_distill" not in gm.meta
+    assert "ppcompile_distill" not in gm.meta and "ppcompile_dense" not in gm.meta
     assert all(f.sample is None for f in gm.meta["ppcompile_ffns"])
     assert all(torch.equal(f.state.router_w, w) for f, w in zip(gm.meta["ppcompile_ffns"], routers))
 
