@@ -50,9 +50,9 @@ class Options:
         outputs, KL to the dense model for language models); 0 keeps the per-layer fits. On
         SmolLM2-135M's held-out text 1 / 2 / 3 epochs gave perplexity ratio 2.47 / 2.36 / 2.33
         at 50% active (benchmarks/results/router_ablation.md, sections F and G); an epoch costs
-        35-60 s there on a 2-core CPU, and with 2 epochs (the default) planning SmolLM2 took
-        179-201 s in three measurements: 1 keeps it under 3 minutes. Kept only if a calibration
-        batch shows it helps.
+        ~35 s there on a 2-core CPU, and with 2 epochs (the default) planning SmolLM2 took
+        122-136 s in three measurements (section H). Kept only if a calibration batch shows it
+        helps.
     seed: int. Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
