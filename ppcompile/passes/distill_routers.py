@@ -42,9 +42,8 @@ import warnings
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves
 
-from .calibrate import calibration_batches
+from .calibrate import calibration_batches, floating_outputs
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
                             distill_loss, model_tau_for, sparse_copy, with_ffn_outputs)
 
@@ -118,10 +117,10 @@ def _distill(gm, ctx, planned):
                         dense = dense_kept.get(index)
                         if dense is None:
                             with torch.no_grad():
-                                dense = _floats(gm(*_fresh(batches[index])))
-                        loss, grad_buffer = distill_backward(
-                            _floats(student(*_fresh(batches[index]))), dense, logits_width,
-                            1.0 / len(group), grad_buffer)
+                                dense = floating_outputs(gm(*_fresh(batches[index])))
+                        got = floating_outputs(student(*_fresh(batches[index])))
+                        loss, grad_buffer = distill_backward(got, dense, logits_width,
+                                                             1.0 / len(group), grad_buffer)
                         total += loss / len(group)
                     optimizer.step()
                     losses.append(total)
@@ -194,7 +193,7 @@ def _check_loss(sparse, ctx, planned, tau, batch, dense, logits_width) -> float:
     for ffn, _ in planned:
         ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
     with torch.no_grad():
-        loss = distill_loss(_floats(sparse(*_fresh(batch))), dense, logits_width)
+        loss = distill_loss(floating_outputs(sparse(*_fresh(batch))), dense, logits_width)
     for ffn, _ in planned:
         ffn.state.set_tau(ctx.options.tau)
     return loss
@@ -202,10 +201,6 @@ def _check_loss(sparse, ctx, planned, tau, batch, dense, logits_width) -> float:
 
 def _rms(x) -> float:
     return max(float(x.float().square().mean().sqrt()), 1e-12)
-
-
-def _floats(out):
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _fresh(inputs):
