@@ -396,17 +396,14 @@ def profile_kernels(clock, l2_bytes):
 # same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
 # 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
 # run 22: batch-8 neuron steps; run 23: the router split, selection warps; runs 25-26: the batch-8
-# down kernel, the one-token router). This one asks whether the one-token up kernel (CUDA cores,
-# fused down projection, one step of SUB neurons in flight per program) streams better with
-# software pipelining, other step sizes, warps or programs, at 25% and 100% active.
+# down kernel, the one-token router; run 30: the one-token up kernel). This one asks what the
+# expert size costs in kernel time: the plans default to 8-neuron experts (quality, Options), this
+# benchmark times 16 (the kernel targets' shapes), 32 halves the sort again.
 SWEEP = {
-    ((4096, 14336), 1): ([0.25, 1.0], [
-        {}, dict(up_stages=2), dict(up_stages=3), dict(up_sub=1), dict(up_sub=4),
-        dict(up_sub=4, up_block_k=2048), dict(up_sub=8, up_block_k=1024), dict(up_warps=4),
-        dict(up_warps=16), dict(up_programs_x=3), dict(up_programs_x=4),
-        dict(up_sub=1, up_programs_x=4), dict(up_stages=2, up_sub=4, up_block_k=2048),
-    ]),
-    ((4096, 11008), 1): ([0.25], [{}, dict(up_stages=2), dict(up_sub=4, up_block_k=2048)]),
+    ((4096, 14336), 1): ([0.0, 0.25, 0.5], [
+        dict(expert_size=8), {}, dict(expert_size=32)]),
+    ((4096, 14336), 8): ([0.25], [dict(expert_size=8), {}, dict(expert_size=32)]),
+    ((576, 1536), 1): ([0.25], [dict(expert_size=8), {}, dict(expert_size=32)]),
 }
 
 
