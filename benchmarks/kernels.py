@@ -396,17 +396,14 @@ def profile_kernels(clock, l2_bytes):
 # same weights). Earlier sweeps and their answers: GPU_RUNS.md (run 6: single knobs at 25%; run
 # 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
 # run 22: batch-8 neuron steps; run 23: the router split, selection warps; runs 25-26: the batch-8
-# down kernel, the one-token router; run 30: the one-token up kernel; run 32: expert sizes). Run 32
-# found 8-neuron experts (1792 of them, a 2048-wide sort) costing 43.8 us for one kept expert
-# against 19.7 with 16: this one asks whether that selection runs better in its own kernel, with
-# more warps, or in an up kernel with more warps.
+# down kernel, the one-token router; run 30: the one-token up kernel; runs 32-33: expert sizes and
+# where the 2048-wide selection of 8-neuron experts runs). This one checks the plan that followed
+# (its own selection kernel on 16 warps past 1024 experts) at the plans' default expert size.
 E8 = dict(expert_size=8)
 SWEEP = {
-    ((4096, 14336), 1): ([0.0, 0.25], [
-        E8, dict(E8, fused_select=False, sel_warps=8), dict(E8, fused_select=False, sel_warps=16),
-        dict(E8, fused_select=False, sel_warps=32), dict(E8, up_warps=16),
-        dict(E8, up_programs_x=1), dict(E8, up_programs_x=1, up_warps=16)]),
-    ((4096, 14336), 8): ([0.25], [E8, dict(E8, sel_warps=16), dict(E8, sel_warps=32)]),
+    ((4096, 14336), 1): ([0.0, 0.25, 0.5, 1.0], [E8]),
+    ((4096, 14336), 8): ([0.25], [E8]),
+    ((4096, 11008), 1): ([0.25, 0.5], [E8]),
 }
 
 

@@ -404,11 +404,12 @@ def test_out_of_range_shapes_fall_back_to_reference(monkeypatch, limit):
 @pytest.mark.parametrize("kind", [None, "decode", "prefill"])
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 16, 17, 64, 256, 1024])
 @pytest.mark.parametrize("shape", [(576, 1536), (2048, 8192), (4096, 11008), (4096, 14336)])
-def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind):
+@pytest.mark.parametrize("s", [8, 16])
+def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     d, d_ff = shape
-    p = triton_ffn.plan(n, d, d, d_ff, 16, n_sm=132, kind=kind)
-    if n == 1 and kind != "prefill":  # one token: router + one expert kernel, nothing else
-        assert p.fused_select and p.fuse_down
+    p = triton_ffn.plan(n, d, d, d_ff, s, n_sm=132, kind=kind)
+    if n == 1 and kind != "prefill":  # one token: router + expert kernel, + selection past 1024
+        assert p.fuse_down and p.fused_select == (d_ff // s <= 1024)
 
 
 def test_plan_refuses_the_wide_cuda_core_down_kernel():
