@@ -14,8 +14,8 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
        expert), as router_split partial sums over slices of d that the selection adds up; it also
        zeroes every workspace the later kernels accumulate into, so no memset launch is needed.
     2. _select_kernel: per token softmax + top-p selection (or, for the "topk"/"static" methods,
-       the round(tau * E) highest logits), OR-ed into bits. Skipped for one or two tokens: the
-       expert kernel then selects itself (see FUSED_SELECT).
+       the round(tau * E) highest logits), OR-ed into bits. Skipped for one or two tokens of at most
+       1024 experts: the expert kernel then selects itself (see FUSED_SELECT).
     3. _up_kernel: persistent programs over compact neurons: h = act(x W_gate^T) * (x W_up^T),
        zeroed for tokens that dropped the expert, either stored to a small H [N, d_ff] buffer
        (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
