@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--expert-size", type=int, default=16,
+                    help="neurons per expert (the kernel table's 16; the plans' default is 8)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the records")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -50,7 +52,8 @@ def main():
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         records += bench.run(model, name, args.batches, args.fractions, args.prompt_len,
-                             args.new_tokens, log=lambda m: print(m, flush=True), on_record=save)
+                             args.new_tokens, expert_size=args.expert_size,
+                             log=lambda m: print(m, flush=True), on_record=save)
         args.out.write_text(json.dumps(records, indent=1))
         del model
         torch._dynamo.reset()

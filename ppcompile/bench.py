@@ -257,6 +257,7 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
             speedup = result["tokens_per_s"] / dense[b]["tokens_per_s"]
             records.append(dict(
                 model=name, batch=b, active_fraction=round(active, 4), tau=round(tau, 5),
+                expert_size=expert_size,
                 union_fraction=round(union, 4), tokens_per_s=round(result["tokens_per_s"], 2),
                 dense_tokens_per_s=round(dense[b]["tokens_per_s"], 2),
                 speedup=round(speedup, 4), ideal_speedup=round(ideal, 4),
