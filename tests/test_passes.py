@@ -256,6 +256,7 @@ def test_sliced_distillation_loss_matches_autograd(vocab, monkeypatch):
 
 def test_distill_routers_off_releases_samples_and_changes_nothing():
     _, gm, ctx = planned_graph(distill_epochs=0)
+    assert sorted(gm.meta["ppcompile_dense"]) == [0]  # the budget check's batch only
     routers = [f.state.router_w.clone() for f in gm.meta["ppcompile_ffns"]]
     gm = distill_routers(gm, ctx)
     assert "ppcompile_distill" not in gm.meta and "ppcompile_dense" not in gm.meta

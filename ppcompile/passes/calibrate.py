@@ -10,8 +10,9 @@ memory stays bounded however much text is given. "weight" is, per token, the sha
 contribution in the residual stream it is added to, ||c||^2 / ||r + c||^2 (c: the FFN output, or
 what a norm after it makes of it; found as the first add after the FFN that adds it to a tensor
 not computed from it), or 1 where no such add exists: how much an error in this FFN's output
-moves what the next layer sees. The graph's dense outputs on the calibration batches stay in
-gm.meta["ppcompile_dense"] while they fit DENSE_KEEP_BYTES. Deterministic for a given seed.
+moves what the next layer sees. When distillation follows (options.distill_epochs > 0), the
+graph's dense outputs on the calibration batches stay in gm.meta["ppcompile_dense"] while they
+fit DENSE_KEEP_BYTES. Deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..options import OptionError
 # The dense outputs of the calibration batches stay (gm.meta["ppcompile_dense"]: batch index ->
 # floating_outputs) for the budget check and the distillation, which would otherwise run the
 # dense graph again (SmolLM2: 7 more passes over 2048 tokens, ~25 s), while they fit in this
-# many bytes; distill_routers releases them
+# many bytes (on the model's device); distill_routers releases them
 DENSE_KEEP_BYTES = 2 << 30
 
 
@@ -45,13 +46,15 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     observed = _observed_copy(gm, todo, sampler)
     restore_inputs = input_restorer(ctx)
     start = time.perf_counter()
+    # only the distillation reads more than the budget check's batch 0
+    keep_bytes = DENSE_KEEP_BYTES if ctx.options.distill_epochs > 0 else 0
     dense, dense_bytes = {}, 0
     with torch.no_grad():
         for index, inputs in enumerate(tqdm(batches, desc="ppcompile: calibrating", unit="batch",
                                             leave=False, disable=len(batches) < 2)):
             out = floating_outputs(observed(*inputs))
             size = sum(t.numel() * t.element_size() for t in out)
-            if dense_bytes + size <= DENSE_KEEP_BYTES:
+            if dense_bytes + size <= keep_bytes:
                 dense[index], dense_bytes = out, dense_bytes + size
             sampler.next_batch()
             restore_inputs()
