@@ -2,7 +2,8 @@
 # Everything the GPU machine checks and times, in sections with their own time limits, so that
 # one device call (10 minutes at most) runs several of them:
 #   SECTIONS="kernels:260 tests:120 decode-1b:190" bash benchmarks/gpu_session.sh
-# Sections: kernels (benchmarks/kernels.py), anatomy (benchmarks/anatomy.py), tests (tests/test_gpu.py), recompiles (the
+# Sections: kernels (benchmarks/kernels.py), ab (benchmarks/ab_kernels.py against AB_PREV, a git
+# revision), anatomy (benchmarks/anatomy.py), tests (tests/test_gpu.py), recompiles (the
 # prompt-length test with dynamo's recompile reasons), triton-tests
 # (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
 # DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25"; KERNELS_ARGS to
@@ -34,6 +35,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
   name=${section%%:*} limit=${section#*:}
   case $name in
     kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ${KERNELS_ARGS:-} ;;
+    ab)           step ab "$limit" python benchmarks/ab_kernels.py --prev "${AB_PREV:?AB_PREV names the revision to compare with}" --out "$RESULTS" ;;
     anatomy)      step anatomy "$limit" python benchmarks/anatomy.py --out "$RESULTS" ;;
     recompiles)   TORCH_LOGS=recompiles step recompiles "$limit" python -m pytest -q -x -s -p no:cacheprovider tests/test_gpu.py -k prompt_lengths ;;
     tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;

@@ -1,6 +1,6 @@
 """Numerics of the Triton sparse-FFN kernels (ppcompile.kernels.triton_ffn) against the torch
 reference (ppcompile.kernels.reference), over shapes, activations, taus, biases, token counts and
-launch plans (every kernel path: fused/separate selection, fused/separate down projection,
+launch plans (every kernel path: fused, sorted and pairwise selection, fused/separate down projection,
 CUDA-core/tensor-core math, split-K, several token tiles).
 
 Without CUDA (or with TRITON_INTERPRET=1 in the environment) the kernels run in the Triton
@@ -193,9 +193,11 @@ def test_matches_reference_bf16(case):
 PLANS = [
     (1, dict(fuse_down=False, down_ks=1)),                       # down kernel, direct epilogue
     (1, dict(fuse_down=False, down_ks=3, down_block_d=16)),      # split-K down, column tiles
-    (1, dict(fused_select=False, sel_warps=8)),                  # one token, own selection kernel
+    (1, dict(select="sorted", sel_warps=8)),                     # one token, sorted selection
+    (2, dict(select="pairwise", sel_e=4)),                       # pairwise selection, 2 tokens
+    (8, dict(select="pairwise", sel_e=2)),                       # ... a token tile of 8
     (2, dict(up_sub=2, up_programs=5)),                          # many small programs
-    (3, dict(dot=False, fused_select=True)),                     # fused selection, 3 tokens
+    (3, dict(dot=False, select="fused")),                        # fused selection, 3 tokens
     (3, dict(dot=False, fuse_down=False, down_ks=2, down_block_q=2)),  # CUDA-core down, split-K
     (3, dict()),                                                 # tensor cores from 3 tokens
     (8, dict(up_dot=False, down_dot=False, router_dot=False, tile_m=8, fuse_down=True)),
@@ -204,6 +206,7 @@ PLANS = [
     (1, dict(router_block_k=16, router_split=2)),                # ... read by the fused selection
     (16, dict(sel_n=4, down_ks=1)),
     (12, dict(sel_n=16)),                                        # one selection program a tile
+    (12, dict(select="pairwise", sel_e=1)),                      # one expert per program
     (40, dict(tile_m=16, down_ks=2)),                            # 3 token tiles, split-K
     (40, dict(tile_m=8, sel_n=8, up_dot=False, down_dot=False, router_dot=False, up_sub=8,
               down_block_q=4, down_block_d=32)),                 # many tokens on CUDA cores
@@ -277,13 +280,14 @@ def test_ties_go_to_lower_index(n):
     assert (keep[:, :5].all()) and not keep[:, 5:].any()
 
 
-@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("n, config", [(1, {"select": "fused"}), (1, {"select": "pairwise"}),
+                                       (8, {"select": "sorted"}), (8, {"select": "pairwise"})])
 @pytest.mark.parametrize("kind", ["peaked", "tied_groups", "wide"])
 @pytest.mark.parametrize("method", ["prunepath", "topk"])
-def test_selection_on_hard_logits(kind, method, n):
-    """The kernels find the cut by a search over order-preserving int keys, not a sort. Hard
-    cases: most probabilities underflowing to 0 (peaked), groups of equal logits straddling
-    the cut (tied_groups), and 1024 experts (wide)."""
+def test_selection_on_hard_logits(kind, method, n, config):
+    """Every selection (fused and sorted sort, pairwise compares every pair of experts) on hard
+    cases: most probabilities underflowing to 0 (peaked), groups of equal logits
+    straddling the cut (tied_groups), and 1024 experts (wide)."""
     d_ff, s = (1024, 1) if kind == "wide" else (256, 8)
     ffn = make_ffn(n, 32, d_ff, s, gated=True, biases=False, seed=21,
                    spread=80.0 if kind == "peaked" else 2.0)
@@ -295,13 +299,13 @@ def test_selection_on_hard_logits(kind, method, n):
                                                     .manual_seed(3))].float() * 0.25)
     for tau in (0.05, 0.5, 0.9, 0.999999):
         if kind != "tied_groups":
-            _, _, keep = run_and_check(ffn, tau, "silu", s, method=method)
+            _, _, keep = run_and_check(ffn, tau, "silu", s, method=method, config=config)
             assert (keep.sum(1) >= 1).all()
             continue
         # the reference's torch.sort does not promise an order among equal values; the
         # kernels take ties lowest index first, i.e. a stable descending sort
         _, _, keep = triton_ffn.sparse_ffn_triton(**ffn, tau=tau_tensor(tau), activation="silu",
-                                                  expert_size=s, method=method, config={},
+                                                  expert_size=s, method=method, config=config,
                                                   return_keep=True)
         logits = router_logits(ffn["x"], ffn["router_w"], ffn["router_b"])
         score = logits.float().softmax(-1) if method == "prunepath" else logits.float()
@@ -408,8 +412,10 @@ def test_out_of_range_shapes_fall_back_to_reference(monkeypatch, limit):
 def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     d, d_ff = shape
     p = triton_ffn.plan(n, d, d, d_ff, s, n_sm=132, kind=kind)
-    if n == 1 and kind != "prefill":  # one token: router + expert kernel, + selection past 1024
-        assert p.fuse_down and p.fused_select == (d_ff // s <= 1024)
+    if n == 1 and kind != "prefill":  # one token: router + expert kernel, + selection past 512
+        assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "pairwise")
+    if n > 2:
+        assert p.select == "sorted"
 
 
 def test_plan_refuses_the_wide_cuda_core_down_kernel():

@@ -13,9 +13,12 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
     1. _router_kernel: router logits (fp32) into a workspace (not at tau >= 1, which keeps every
        expert), as router_split partial sums over slices of d that the selection adds up; it also
        zeroes every workspace the later kernels accumulate into, so no memset launch is needed.
-    2. _select_kernel: per token softmax + top-p selection (or, for the "topk"/"static" methods,
-       the round(tau * E) highest logits), OR-ed into bits. Skipped for one or two tokens of at most
-       1024 experts: the expert kernel then selects itself (see FUSED_SELECT).
+    2. selection: per token softmax + top-p selection (or, for the "topk"/"static" methods,
+       the round(tau * E) highest logits), OR-ed into bits. _select_sorted_kernel sorts a token's
+       experts in one program (3+ tokens); _select_pairwise_kernel spreads a token over many
+       programs, each deciding a few experts by comparing them with all others (1-2 tokens,
+       more than 512 experts); with fewer experts every up program sorts by itself
+       (FUSED_SELECT), which saves the launch.
     3. _up_kernel: persistent programs over compact neurons: h = act(x W_gate^T) * (x W_up^T),
        zeroed for tokens that dropped the expert, either stored to a small H [N, d_ff] buffer
        (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
@@ -42,6 +45,7 @@ from .reference import METHODS, sparse_ffn_reference
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
 TOPK_METHODS = ("topk", "static")  # both keep the round(tau * E) highest logits
+SELECTIONS = ("fused", "sorted", "pairwise")  # where the experts are chosen (Plan.select)
 
 DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token tile)
 # Past this many tokens the op runs the torch reference (cuBLAS GEMMs, dropped experts masked):
@@ -241,10 +245,11 @@ def _router_kernel(
 
 
 @triton.jit
-def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
+def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
                    TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr,
                    SPLIT: tl.constexpr):
-    # SEL_N divides TILE_M: all tokens of a program belong to one tile
+    # SEL_N tokens per program, each sorting its E experts (_select); SEL_N divides TILE_M: all
+    # tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
     rows = row0 + tl.arange(0, SEL_N)
     cols = tl.arange(0, E_PAD)
@@ -259,6 +264,63 @@ def _select_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.
     tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
                  sem="relaxed")
     n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
+
+
+@triton.jit
+def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
+                   TILE_M: tl.constexpr, SEL_E: tl.constexpr, E_PAD: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    """Program (token n, block b) decides experts [b * SEL_E, (b + 1) * SEL_E) of token n without
+    sorting: expert i is kept iff the weight of the experts ranked above it is below the cut,
+    "above" meaning a higher score, or the same score and a lower index (the reference's stable
+    descending sort). prunepath: score = weight = softmax p, cut = tau (so "weight above" is the
+    reference's mass_before); topk/static: score = logit, weight = 1, cut = round(tau * E).
+    Every block is independent, so a token's selection spreads over E / SEL_E programs instead of
+    one program's E-wide sort (a sort's latency was the largest fixed cost: GPU_RUNS.md)."""
+    n = tl.program_id(0)
+    mine = tl.program_id(1) * SEL_E + tl.arange(0, SEL_E)
+    mine_ok = mine < E
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    tau = tl.load(tau_ptr)
+    if tau >= 1.0:  # every expert, under either rule
+        keep = mine_ok
+    else:
+        logits = tl.zeros([E_PAD], tl.float32)
+        own = tl.zeros([SEL_E], tl.float32)
+        for r in tl.static_range(SPLIT):  # the router's partial sums over slices of d
+            row = logits_ptr + (r * N + n) * E
+            logits += tl.load(row + cols, mask=col_ok, other=0.0)
+            own += tl.load(row + mine, mask=mine_ok, other=0.0)
+        if TOPK:
+            score = tl.where(col_ok, logits, float("-inf"))
+            own_score = own
+            weight = col_ok.to(tl.float32)
+            # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
+            v = tau.to(tl.float64) * E
+            whole = v.to(tl.int64)
+            frac = v - whole.to(tl.float64)
+            k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
+            cut = tl.minimum(tl.maximum(k, 1), E).to(tl.float32)
+        else:
+            top = tl.max(tl.where(col_ok, logits, float("-inf")), axis=0)
+            ex = tl.where(col_ok, tl.exp(logits - top), 0.0)
+            z = tl.sum(ex, axis=0)
+            z = tl.where(z > 0, z, 1.0)
+            score = ex / z
+            own_score = tl.exp(own - top) / z  # the same operations as score: the same values
+            weight = score
+            cut = tau
+        s_j = score[None, :]
+        s_i = own_score[:, None]
+        above = (s_j > s_i) | ((s_j == s_i) & (cols[None, :] < mine[:, None]))
+        above = above & col_ok[None, :] & (cols[None, :] != mine[:, None])
+        weight_above = tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
+        keep = mine_ok & (weight_above < cut)
+    bit = tl.full([SEL_E], 1, tl.int64) << (n % TILE_M).to(tl.int64)
+    tl.atomic_or(bits_ptr + (n // TILE_M) * E + mine, bit, mask=keep, sem="relaxed")
+    n_kept = tl.sum(keep.to(tl.int32), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
 
 
@@ -451,7 +513,7 @@ def _down_kernel(
 class Plan:
     """Launch parameters for one shape. Field names are the override keys of `config=`."""
     tile_m: int             # tokens per tile (<= 64); decode: one tile holding all tokens
-    fused_select: bool      # the up kernel selects (single tile of <= a few tokens)
+    select: str             # "fused" (every up program sorts), "sorted" or "pairwise" kernel
     fuse_down: bool         # the up kernel also does the down projection (decode, narrow y)
     up_dot: bool            # tl.dot (tensor cores, tokens padded to 16) vs CUDA-core FMAs
     down_dot: bool
@@ -460,7 +522,8 @@ class Plan:
     router_block_k: int
     router_warps: int
     router_split: int       # router programs per block of experts, each a slice of d
-    sel_n: int              # tokens per program of _select_kernel
+    sel_n: int              # tokens per program of _select_sorted_kernel
+    sel_e: int              # experts per program of _select_pairwise_kernel (one token each)
     sel_warps: int
     up_programs: int        # programs per token tile of _up_kernel
     up_sub: int             # compact neurons per step
@@ -499,6 +562,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
     n_exp = d_ff // expert_size
     e_pad = max(2, _pow2(n_exp))
     d_pad, do_pad = _pow2(d), _pow2(d_out)
+    sel_e = min(e_pad, max(1, 8192 // e_pad))
     if kind is None:
         kind = "decode" if n_tokens <= DECODE_MAX_N else "prefill"
     if kind == "decode":
@@ -538,16 +602,24 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         n_rblocks = triton.cdiv(n_exp, rbe)
         rsplit = (max(1, min(triton.cdiv(d, rbk), (2 * n_sm) // n_rblocks)) if router_dot
                   else 1)
-        # more than 1024 experts (8-neuron experts of a 14336-wide FFN: a 2048-wide sort): the
-        # selection runs in its own kernel on 16 warps, not in every up program (one token,
-        # 4096x14336 at 25% active, H200, run 33: 66.1 -> 53.0 us; one kept expert 44.7 ->
-        # 29.8); up to 1024 the fused selection is faster (run 18)
-        wide_sort = e_pad > 1024
+        # selection (H200, runs 37-38, GPU_RUNS.md): one or two tokens select in every up
+        # program (a sort; no launch) up to 512 experts, past that in the pairwise kernel
+        # (4096x14336 at 25% active: 44.7 -> 41.5 us with 896 experts, 52.7 -> 44.7 with 1792;
+        # 2048x8192 and 576x1536 stay fused: 22.6 vs 23.2, 11.4 vs 14.8). Its work grows with
+        # tokens x E^2, so more tokens sort, one program per token (batch 8, 4096x14336 at 25%:
+        # 100.1 vs 101.9 us with 896 experts, 127.1 vs 141.0 with 1792)
+        if n_tokens > 2:
+            select = "sorted"
+        else:
+            select = "fused" if e_pad <= 512 else "pairwise"
         base = dict(
-            tile_m=tile_m, fused_select=n_tokens <= 2 and not wide_sort, fuse_down=fuse_down,
+            tile_m=tile_m, select=select, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
             router_block_e=rbe, router_block_k=rbk, router_warps=4, router_split=rsplit,
-            sel_n=1, sel_warps=16 if wide_sort else 8 if dot else 4,
+            # sorted: a 2048-wide sort on 16 warps (run 33), 8 on tensor-core plans (run 26);
+            # pairwise: [sel_e, E] comparisons per program on 4 warps (run 37)
+            sel_n=1, sel_e=sel_e,
+            sel_warps=4 if select == "pairwise" else 16 if e_pad > 1024 else 8 if dot else 4,
             up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             # 128 neurons per step: 123.3 -> 120.3 us (same case, run 23)
@@ -565,11 +637,11 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         up_sub = 64
         n_dtiles = triton.cdiv(d_out, 128)
         base = dict(
-            tile_m=tile_m, fused_select=False, fuse_down=False,
+            tile_m=tile_m, select="sorted", fuse_down=False,
             up_dot=True, down_dot=True, router_dot=True,
             router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
             router_split=1,
-            sel_n=max(1, min(16, 8192 // e_pad)), sel_warps=4,
+            sel_n=max(1, min(16, 8192 // e_pad)), sel_e=sel_e, sel_warps=4,
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
             up_unit=up_sub, up_warps=4, up_stages=3,
             down_block_q=64, down_block_d=128,
@@ -584,7 +656,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
 
 
 def _check(p: Plan, n_tokens: int):
-    for name in ("tile_m", "sel_n", "up_sub", "up_block_k", "down_block_q", "down_block_d",
+    for name in ("tile_m", "sel_n", "sel_e", "up_sub", "up_block_k", "down_block_q", "down_block_d",
                  "router_block_e", "router_block_k"):
         v = getattr(p, name)
         if v < 1 or v & (v - 1):
@@ -594,8 +666,10 @@ def _check(p: Plan, n_tokens: int):
     if p.tile_m > MAX_TILE_TOKENS or p.tile_m % p.sel_n:
         raise ValueError(f"plan: tile_m={p.tile_m} must be <= {MAX_TILE_TOKENS} and a multiple "
                          f"of sel_n={p.sel_n}")
-    if p.fused_select and n_tokens > p.tile_m:
-        raise ValueError("plan: fused_select needs all tokens in one tile")
+    if p.select not in SELECTIONS:
+        raise ValueError(f"plan: select={p.select!r}; allowed: {', '.join(SELECTIONS)}")
+    if p.select == "fused" and n_tokens > p.tile_m:
+        raise ValueError("plan: select='fused' needs all tokens in one tile")
     if not p.fuse_down and not p.down_dot and p.tile_m > 8:
         # measured wrong on an H100 (Triton 3.6, run 15): the CUDA-core down kernel with 16+
         # token tiles, whatever its block sizes or warps; right with 8, and in the interpreter.
@@ -700,7 +774,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
     r_grid = (triton.cdiv(n_exp, p.router_block_e) * p.router_split, triton.cdiv(n, r_block_n))
     r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
-    n_zero_bits = 0 if p.fused_select else bits.numel()
+    n_zero_bits = 0 if p.select == "fused" else bits.numel()
     n_zero_acc = acc.numel() if need_acc else 0
     n_zero = max(n_zero_bits, n_zero_acc, n_counters, 1)
     zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
@@ -716,10 +790,16 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     )
 
     # 2. selection
-    if not p.fused_select:
-        wrap_triton(_select_kernel)[(triton.cdiv(n, p.sel_n),)](
+    if p.select == "sorted":
+        wrap_triton(_select_sorted_kernel)[(triton.cdiv(n, p.sel_n),)](
             logits, tau, bits, counts, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, SPLIT=p.router_split,
+            num_warps=p.sel_warps,
+        )
+    elif p.select == "pairwise":
+        wrap_triton(_select_pairwise_kernel)[(n, triton.cdiv(n_exp, p.sel_e))](
+            logits, tau, bits, counts, n, n_exp, s,
+            TOPK=topk, TILE_M=p.tile_m, SEL_E=p.sel_e, E_PAD=e_pad, SPLIT=p.router_split,
             num_warps=p.sel_warps,
         )
 
@@ -737,7 +817,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
-        TOPK=topk, FUSED_SELECT=p.fused_select, FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
+        TOPK=topk, FUSED_SELECT=p.select == "fused", FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),

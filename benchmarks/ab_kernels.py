@@ -1,0 +1,107 @@
+"""A/B of the kernels against an earlier commit's, in one process on the same weights, timed as
+kernels.py times (CUDA graph over weight copies larger than L2, median per call):
+
+    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR
+
+The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
+beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
+fraction, variant); variants are the earlier default plan ("prev"), the current default plan
+("new") and plan overrides of the current code. Every timed call is also checked: kept count as
+constructed, relative error against the torch reference.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import kernels as kb  # noqa: E402
+
+from ppcompile.kernels import triton_ffn as new  # noqa: E402
+from ppcompile.kernels.reference import sparse_ffn_reference  # noqa: E402
+
+PREV_MODULE = "_ab_prev_triton_ffn"
+
+# (d, d_ff, batch, expert size, active fractions (0.0: one expert), {variant: plan overrides})
+CASES = [
+    (4096, 14336, 1, 16, [0.0, 0.25, 0.5],
+     {"fused": dict(select="fused"), "pairwise sel_e 16": dict(sel_e=16),
+      "pairwise sel_e 2": dict(sel_e=2), "pairwise 8 warps": dict(sel_warps=8)}),
+    (4096, 14336, 1, 8, [0.0, 0.25, 0.5], {"sel_e 16": dict(sel_e=16), "sel_e 1": dict(sel_e=1)}),
+    (4096, 14336, 8, 16, [0.25, 1.0], {"pairwise sel_e 8": dict(select="pairwise", sel_e=8)}),
+    (4096, 14336, 8, 8, [0.25], {"pairwise sel_e 4": dict(select="pairwise", sel_e=4)}),
+    (4096, 11008, 1, 16, [0.25, 0.5], {"fused": dict(select="fused")}),
+    (2048, 8192, 1, 16, [0.25, 0.5], {"pairwise": dict(select="pairwise")}),
+    (576, 1536, 1, 16, [0.25], {"pairwise": dict(select="pairwise")}),
+]
+
+
+def load_prev(rev: str):
+    src = subprocess.run(["git", "show", f"{rev}:ppcompile/kernels/triton_ffn.py"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    path = ROOT / "ppcompile" / "kernels" / f"{PREV_MODULE}.py"
+    path.write_text(src)
+    try:
+        return importlib.import_module(f"ppcompile.kernels.{PREV_MODULE}")
+    finally:
+        path.unlink()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prev", required=True, help="git revision of the earlier kernels")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+    prev = load_prev(args.prev)
+    for m in (prev, new):
+        m.wrap_triton = lambda kernel: kernel  # launch directly, plan overrides allowed
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 60e6
+    tau = torch.tensor(kb.TAU, device="cuda")
+    tau_all = torch.tensor(kb.TAU_ALL, device="cuda")
+    out = []
+    for d, d_ff, batch, s, fractions, overrides in CASES:
+        copies = kb.copies_for(d, d_ff, l2)
+        weights = kb.Weights(d, d_ff, copies)
+        variants = [("prev", prev, {}), ("new", new, {})] + [
+            (name, new, cfg) for name, cfg in overrides.items()]
+        for fraction in fractions:
+            x, routers, _, kept = kb.routed_inputs(d, d_ff // s, batch, fraction or s / d_ff,
+                                                   copies, torch.Generator().manual_seed(3))
+            t = tau_all if fraction == 1.0 else tau
+            for label, mod, config in variants:
+                calls = [lambda w=w, r=r, mod=mod, config=config: mod.sparse_ffn_triton(
+                    x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s, config=config)
+                    for w, r in zip(weights.sets, routers)]
+                try:
+                    us = kb.time_calls(calls)
+                    y, counts = calls[0]()
+                    w, r = weights.sets[0], routers[0]
+                    y_ref = sparse_ffn_reference(x, w[1], None, w[0], None, w[2], None, *r, t,
+                                                 "silu", s)[0].float()
+                    err = ((y.float() - y_ref).norm() / y_ref.norm()).item()
+                    kept_ok = fraction == 1.0 or counts[0].item() == kept[0] * s
+                except Exception as e:  # a variant the table would never pick may fail
+                    us, err, kept_ok = None, None, False
+                    print(f"{label}: {type(e).__name__}: {str(e)[:300]}")
+                out.append(dict(shape=f"{d}x{d_ff}", batch=batch, expert_size=s,
+                                active_fraction=fraction, variant=label, config=config, us=us,
+                                kept_ok=kept_ok, rel_err=err, gpu=torch.cuda.get_device_name()))
+                print(f"{d}x{d_ff} b{batch} s{s} f{fraction} {label:20s} "
+                      f"{'failed' if us is None else f'{us:7.1f} us'} kept_ok={kept_ok} "
+                      f"err={'-' if err is None else f'{err:.1e}'}", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ab_kernels.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
