@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--expert-size", type=int, default=16,
                     help="neurons per expert (the kernel table's 16; the plans' default is 8)")
+    ap.add_argument("--host-profile", type=Path, default=None, metavar="DIR",
+                    help="also write a cProfile of one generate() per record into DIR")
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the records")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -53,7 +55,8 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         records += bench.run(model, name, args.batches, args.fractions, args.prompt_len,
                              args.new_tokens, expert_size=args.expert_size,
-                             log=lambda m: print(m, flush=True), on_record=save)
+                             log=lambda m: print(m, flush=True), on_record=save,
+                             host_profile_dir=args.host_profile)
         args.out.write_text(json.dumps(records, indent=1))
         del model
         torch._dynamo.reset()

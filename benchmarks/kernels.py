@@ -397,13 +397,14 @@ def profile_kernels(clock, l2_bytes):
 # 13: one program per SM; run 18: the one-token selection in its own kernel, 32-neuron experts;
 # run 22: batch-8 neuron steps; run 23: the router split, selection warps; runs 25-26: the batch-8
 # down kernel, the one-token router; run 30: the one-token up kernel; runs 32-33: expert sizes and
-# where the 2048-wide selection of 8-neuron experts runs). This one checks the plan that followed
-# (its own selection kernel on 16 warps past 1024 experts) at the plans' default expert size.
+# where the 2048-wide selection of 8-neuron experts runs; runs 37-39, by benchmarks/ab_kernels.py:
+# the pairwise selection). This one varies the pairwise selection around the plan of run 39, at
+# both expert sizes.
 E8 = dict(expert_size=8)
 SWEEP = {
-    ((4096, 14336), 1): ([0.0, 0.25, 0.5, 1.0], [E8]),
-    ((4096, 14336), 8): ([0.25], [E8]),
-    ((4096, 11008), 1): ([0.25, 0.5], [E8]),
+    ((4096, 14336), 1): ([0.0, 0.25, 0.5], [{}, dict(sel_e=4), dict(sel_e=16), E8,
+                                            dict(E8, sel_e=8), dict(E8, sel_warps=8)]),
+    ((4096, 14336), 8): ([0.25], [{}, dict(select="pairwise")]),
 }
 
 

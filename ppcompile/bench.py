@@ -111,6 +111,29 @@ class Decoder:
                     step_ms=1e3 * decode_s / (self.new_tokens - 1),
                     gpu_step_ms=self.gpu_step_ms(prompt))
 
+    def host_profile(self, prompt, path, new_tokens: int = 65):
+        """cProfile of a warm generate() of `new_tokens` tokens (as timed: guards skipped), top
+        functions by own and by cumulative time, into the text file `path`: where the host's
+        share of a decode step goes (the step's wall time minus its GPU time)."""
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            torch.cuda.synchronize()
+            profiler.enable()
+            self.generate(prompt, new_tokens)
+            torch.cuda.synchronize()
+            profiler.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        for order in ("tottime", "cumulative"):
+            stats.sort_stats(order).print_stats(45)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"generate() of {new_tokens} new tokens, batch {prompt.shape[0]}\n"
+                        + text.getvalue())
+
     def gpu_step_ms(self, prompt, steps: int = 32) -> float | None:
         """GPU time of one decode step: the summed time of the CUDA kernels (torch.profiler) of a
         generate() of 1 + steps new tokens, minus that of 1 new token, over steps. Unlike the step's
@@ -195,9 +218,10 @@ def tau_for_fraction(decoder, prompt, target: float, steps: int = 8) -> tuple[fl
 
 
 def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, calibration=None,
-        expert_size=16, log=print, on_record=None) -> list[dict]:
+        expert_size=16, log=print, on_record=None, host_profile_dir=None) -> list[dict]:
     """Dense then prunepath records for `model` (on CUDA), one per (batch, fraction);
-    on_record(records) is called after each one (to save partial results)."""
+    on_record(records) is called after each one (to save partial results); host_profile_dir:
+    also a cProfile of one generate() per record, and of the dense one (Decoder.host_profile)."""
     gpu = torch.cuda.get_device_name()
     vocab = model.config.vocab_size
     gen = torch.Generator("cuda").manual_seed(0)
@@ -220,6 +244,8 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
     for b in batches:
         start = time.perf_counter()
         dense[b] = decoder.measure(prompts[b])
+        if host_profile_dir is not None:
+            decoder.host_profile(prompts[b], host_profile_dir / f"{name}_b{b}_dense.txt")
         allocated(f"after measuring dense batch {b}")
         log(f"{name} batch {b} dense: {dense[b]['tokens_per_s']:.1f} tokens/s, "
             f"peak {dense[b]['peak_mem_gb']:.2f} GB, step {dense[b]['step_ms']:.2f} ms, GPU time "
@@ -250,6 +276,8 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
         for b in batches:
             ppcompile.set_tau(model, tau)
             result = decoder.measure(prompts[b])
+            if host_profile_dir is not None:
+                decoder.host_profile(prompts[b], host_profile_dir / f"{name}_b{b}_a{target}.txt")
             allocated(f"after measuring batch {b}")
             active = ppcompile.report(model).active_fraction
             union = active if b == 1 else union_fraction(model, b, vocab)

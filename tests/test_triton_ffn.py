@@ -1,7 +1,7 @@
 """Numerics of the Triton sparse-FFN kernels (ppcompile.kernels.triton_ffn) against the torch
 reference (ppcompile.kernels.reference), over shapes, activations, taus, biases, token counts and
-launch plans (every kernel path: fused, sorted and pairwise selection, fused/separate down projection,
-CUDA-core/tensor-core math, split-K, several token tiles).
+launch plans (every kernel path: fused, sorted and pairwise selection, fused/separate down
+projection, CUDA-core/tensor-core math, split-K, several token tiles).
 
 Without CUDA (or with TRITON_INTERPRET=1 in the environment) the kernels run in the Triton
 interpreter on CPU tensors. The interpreter must be on before triton is first imported (triton's
