@@ -15,7 +15,7 @@ from .ffn import REGISTRY
 from .graph import graph_tensors
 from .options import Options
 from .passes import Context, PASSES, log, run_passes
-from .passes.lower_to_triton import relayout_
+from .passes.lower_to_triton import is_column_major, relayout_
 from .passes.rewrite import extra_inputs
 
 _warned_frames = set()
@@ -36,7 +36,8 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     if relayout:
         # Dynamo guards on parameter strides, and checks the guards of a frame right after
         # compiling it: the weights cannot change layout now. This graph runs eagerly and
-        # re-lays out the weights it is called with; the next call recompiles for the new layout.
+        # re-lays out the weights it is called with; the next call recompiles for the new layout
+        # (or, when dynamo skips guards and calls this entry again, it compiles itself).
         sparse.compiled, sparse.relayout = gm, relayout
         return sparse
     example = list(example_inputs) + sparse.extra_inputs(example_inputs)
@@ -71,6 +72,14 @@ class SparseGraph:
         if key != self._key or any(e is None for e in self._extras):
             self._extras = self.extra_inputs(args)
             self._key = key
+        if self.relayout and all(is_column_major(args[position]) == column_major
+                                 for position, column_major in self.relayout):
+            # the weights have their layout, and dynamo calls this eager entry anyway: it skips
+            # guards (torch.compiler.set_stance(skip_guard_eval_unsafe=True), as decode loops
+            # do), so it would never reach the recompiled entry. Compile once, here.
+            self.compiled = inner_compile(self.compiled, [*args, *self._extras],
+                                          self.options.cudagraphs)
+            self.relayout = []
         out = self.compiled(*args, *self._extras)
         for position, column_major in self.relayout:
             relayout_(args[position], column_major)

@@ -53,6 +53,25 @@ def test_lowered_to_triton_and_dense_at_tau_one(family):
     assert all(0 < r["active_fraction"] < 1 for r in ppcompile.report(compiled).rows)
 
 
+def test_relayout_graph_compiles_itself_when_guards_are_skipped():
+    """A frame's first compile runs eagerly and re-lays out the weights; dynamo recompiles at the
+    next call unless it skips guards (set_stance(skip_guard_eval_unsafe=True), as decode loops
+    do): then it calls the same entry again, which must compile itself, not stay eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = gpu_model()
+    eager = run(model, IDS)
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"tau": 1.0, "calibration": CALIB, "expert_size": 16})
+    run(compiled, IDS)  # eager, then the relayout
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        out, code = run_and_get_code(lambda: run(compiled, IDS))
+        again, code_again = run_and_get_code(lambda: run(compiled, IDS))
+    assert "_up_kernel" in "\n".join(code), "the entry called without guards stayed eager"
+    assert not code_again, "compiled twice"
+    assert rel_err(out, eager) < 1e-4 and rel_err(again, eager) < 1e-4
+
+
 def test_bf16_and_cuda_graphs_follow_tau_without_recompiling():
     model = gpu_model(dtype=torch.bfloat16)
     eager = run(model, IDS).float()
