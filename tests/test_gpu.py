@@ -53,23 +53,29 @@ def test_lowered_to_triton_and_dense_at_tau_one(family):
     assert all(0 < r["active_fraction"] < 1 for r in ppcompile.report(compiled).rows)
 
 
-def test_relayout_graph_compiles_itself_when_guards_are_skipped():
-    """A frame's first compile runs eagerly and re-lays out the weights; dynamo recompiles at the
-    next call unless it skips guards (set_stance(skip_guard_eval_unsafe=True), as decode loops
-    do): then it calls the same entry again, which must compile itself, not stay eager."""
-    from torch._inductor.utils import run_and_get_code
+def test_no_eager_graph_left_when_guards_are_skipped(monkeypatch):
+    """A frame's first compile runs eagerly and re-lays out the weights, and dynamo recompiles at
+    the next call. Decode loops then skip guards (set_stance(skip_guard_eval_unsafe=True)), and
+    dynamo may call the stale eager entry again (GPU_RUNS.md run 43: the prefill of every timed
+    generate() ran eagerly): it must compile itself. Eager execution calls the op's Python body;
+    compiled code launches the kernels itself."""
+    from ppcompile.kernels import gpu_op
 
     model = gpu_model()
     eager = run(model, IDS)
     compiled = torch.compile(model, backend="prunepath",
                              options={"tau": 1.0, "calibration": CALIB, "expert_size": 16})
     run(compiled, IDS)  # eager, then the relayout
+    run(compiled, IDS)  # recompiled for the new layout
+    calls = []
+    body = gpu_op._sparse_ffn_triton
+    monkeypatch.setattr(gpu_op, "_sparse_ffn_triton", lambda *a: calls.append(1) or body(*a))
     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-        out, code = run_and_get_code(lambda: run(compiled, IDS))
-        again, code_again = run_and_get_code(lambda: run(compiled, IDS))
-    assert "_up_kernel" in "\n".join(code), "the entry called without guards stayed eager"
-    assert not code_again, "compiled twice"
-    assert rel_err(out, eager) < 1e-4 and rel_err(again, eager) < 1e-4
+        run(compiled, IDS)  # may compile (tracing the body) once
+        calls.clear()
+        out = run(compiled, IDS)
+    assert not calls, f"{len(calls)} sparse-FFN calls ran eagerly with guards skipped"
+    assert rel_err(out, eager) < 1e-4
 
 
 def test_bf16_and_cuda_graphs_follow_tau_without_recompiling():
