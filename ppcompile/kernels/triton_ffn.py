@@ -245,9 +245,9 @@ def _router_kernel(
 
 
 @triton.jit
-def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
-                   TILE_M: tl.constexpr, SEL_N: tl.constexpr, E_PAD: tl.constexpr,
-                   SPLIT: tl.constexpr):
+def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+                          TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_N: tl.constexpr,
+                          E_PAD: tl.constexpr, SPLIT: tl.constexpr):
     # SEL_N tokens per program, each sorting its E experts (_select); SEL_N divides TILE_M: all
     # tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
@@ -268,9 +268,9 @@ def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TO
 
 
 @triton.jit
-def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S, TOPK: tl.constexpr,
-                   TILE_M: tl.constexpr, SEL_E: tl.constexpr, E_PAD: tl.constexpr,
-                   SPLIT: tl.constexpr):
+def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+                            TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_E: tl.constexpr,
+                            E_PAD: tl.constexpr, SPLIT: tl.constexpr):
     """Program (token n, block b) decides experts [b * SEL_E, (b + 1) * SEL_E) of token n without
     sorting: expert i is kept iff the weight of the experts ranked above it is below the cut,
     "above" meaning a higher score, or the same score and a lower index (the reference's stable
@@ -656,8 +656,8 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
 
 
 def _check(p: Plan, n_tokens: int):
-    for name in ("tile_m", "sel_n", "sel_e", "up_sub", "up_block_k", "down_block_q", "down_block_d",
-                 "router_block_e", "router_block_k"):
+    for name in ("tile_m", "sel_n", "sel_e", "up_sub", "up_block_k", "down_block_q",
+                 "down_block_d", "router_block_e", "router_block_k"):
         v = getattr(p, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"plan: {name}={v} must be a power of two")
