@@ -398,13 +398,14 @@ def profile_kernels(clock, l2_bytes):
 # run 22: batch-8 neuron steps; run 23: the router split, selection warps; runs 25-26: the batch-8
 # down kernel, the one-token router; run 30: the one-token up kernel; runs 32-33: expert sizes and
 # where the 2048-wide selection of 8-neuron experts runs; runs 37-39, by benchmarks/ab_kernels.py:
-# the pairwise selection). This one varies the pairwise selection around the plan of run 39, at
-# both expert sizes.
+# the pairwise selection). This one asks whether the one-token up kernel's plan (run 30: a local
+# optimum while every program sorted) moves now that it no longer sorts past 512 experts.
 E8 = dict(expert_size=8)
 SWEEP = {
-    ((4096, 14336), 1): ([0.0, 0.25, 0.5], [{}, dict(sel_e=4), dict(sel_e=16), E8,
-                                            dict(E8, sel_e=8), dict(E8, sel_warps=8)]),
-    ((4096, 14336), 8): ([0.25], [{}, dict(select="pairwise")]),
+    ((4096, 14336), 1): ([0.25, 0.5], [{}, dict(up_sub=4), dict(up_sub=1), dict(up_warps=4),
+                                       dict(up_programs_x=3), dict(up_programs_x=1), E8,
+                                       dict(E8, up_sub=4), dict(E8, up_programs_x=3)]),
+    ((4096, 11008), 1): ([0.25], [{}, dict(up_sub=4), dict(up_programs_x=3)]),
 }
 
 
