@@ -171,6 +171,9 @@ def add_bench(subparsers):
     p.add_argument("--new-tokens", type=_positive, default=256, metavar="N")
     p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH",
                    help="calibration text for a real model (random tokens for random weights)")
+    p.add_argument("--host-profile", type=Path, default=None, metavar="DIR",
+                   help="also write a cProfile of one generate() per record into DIR (where the "
+                   "host's share of a decode step goes)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE", help="JSON records")
     p.set_defaults(run=run_bench)
 
@@ -199,7 +202,7 @@ def run_bench(args) -> int:
                                              bos=evaluate.bos_for(model, tokenizer)).cuda()
     records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
                         args.prompt_len, args.new_tokens, calibration=calibration,
-                        log=lambda m: print(m, flush=True))
+                        log=lambda m: print(m, flush=True), host_profile_dir=args.host_profile)
     print(bench.table(records))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,18 @@ def test_demo_rejects_bad_arguments(capsys):
         cli.main(["demo", "--eval-windows", "4"])
 
 
+def test_bench_help_and_no_gpu(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["bench", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--batches", "--fractions", "--new-tokens", "--host-profile", "--out"):
+        assert flag in out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            cli.main(["bench", "--model", "llama3-1b"])
+
+
 def test_python_m_ppcompile_runs():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-m", "ppcompile", "demo", "--help"], cwd=root,
