@@ -228,15 +228,18 @@ def test_dense_outputs_past_the_memory_budget_are_recomputed(monkeypatch):
     assert "ppcompile_dense" not in gm.meta and len(gm.meta["ppcompile_distill"]["losses"]) > 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("vocab", [7, 300])
-def test_sliced_distillation_loss_matches_autograd(vocab, monkeypatch):
+def test_sliced_distillation_loss_matches_autograd(vocab, device, monkeypatch):
     """The KL loss and its hand-written gradient, a slice of tokens at a time (slices smaller
-    than a row too), are the unsliced autograd ones; so is the budget check's squared error."""
+    than a row too), are the unsliced autograd ones, on the outputs' device; so is the budget
+    check's squared error."""
     tr = importlib.import_module("ppcompile.passes.train_routers")
     monkeypatch.setattr(tr, "SLICE_ELEMENTS", 250)
     g = torch.Generator().manual_seed(0)
-    got = (torch.randn(3, 5, vocab, generator=g) * 3).requires_grad_(True)
-    want = torch.randn(3, 5, vocab, generator=g) * 3
+    got = (torch.randn(3, 5, vocab, generator=g) * 3).to(device).requires_grad_(True)
+    want = (torch.randn(3, 5, vocab, generator=g) * 3).to(device)
     logp_want = want.log_softmax(-1)
     ref = (logp_want.exp() * (logp_want - got.log_softmax(-1))).sum(-1).mean()
     (grad_ref,) = torch.autograd.grad(ref, got)
@@ -247,8 +250,8 @@ def test_sliced_distillation_loss_matches_autograd(vocab, monkeypatch):
     assert tr.distill_backward([got], [want], 5, 0.5, buffer)[1] is buffer  # reused
     assert tr._sum_sq(got, want) == pytest.approx(float((got - want).square().sum()), rel=1e-5)
     # narrower than logits: the relative squared error, through autograd
-    enc = torch.randn(4, 3, generator=g, requires_grad=True)
-    target = torch.randn(4, 3, generator=g)
+    enc = torch.randn(4, 3, generator=g).to(device).requires_grad_(True)
+    target = torch.randn(4, 3, generator=g).to(device)
     expected = float((enc - target).square().sum() / target.square().sum())
     assert tr.distill_backward([enc], [target], 5, 1.0)[0] == pytest.approx(expected, rel=1e-6)
     assert enc.grad is not None

@@ -157,17 +157,23 @@ def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _topk_count(tau, n_exp):
+    """The topk/static rules' kept count: Python's round(tau * E) (half to even, exact in fp64:
+    24-bit tau times E < 2^31), at least 1 and at most E."""
+    v = tau.to(tl.float64) * n_exp
+    whole = v.to(tl.int64)
+    frac = v - whole.to(tl.float64)
+    k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
+    return tl.minimum(tl.maximum(k, 1), n_exp)
+
+
+@triton.jit
 def _select_below_one(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     """_select for tau < 1: one fp32 sort gives the kept count and the cut value."""
     if TOPK:
         score = tl.where(valid, logits, float("-inf"))
         ranked = tl.sort(score, dim=1, descending=True)
-        # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
-        v = tau.to(tl.float64) * n_exp
-        whole = v.to(tl.int64)
-        frac = v - whole.to(tl.float64)
-        k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
-        k = tl.minimum(tl.maximum(k, 1), n_exp)
+        k = _topk_count(tau, n_exp)
         kept_ranked = (tl.arange(0, logits.shape[1])[None, :] < k) & row_ok[:, None]
     else:
         top = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
@@ -297,12 +303,7 @@ def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
             score = tl.where(col_ok, logits, float("-inf"))
             own_score = own
             weight = col_ok.to(tl.float32)
-            # Python's round(tau * E): half to even, exact in fp64 (24-bit tau times E < 2^31)
-            v = tau.to(tl.float64) * E
-            whole = v.to(tl.int64)
-            frac = v - whole.to(tl.float64)
-            k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
-            cut = tl.minimum(tl.maximum(k, 1), E).to(tl.float32)
+            cut = _topk_count(tau, E).to(tl.float32)
         else:
             top = tl.max(tl.where(col_ok, logits, float("-inf")), axis=0)
             ex = tl.where(col_ok, tl.exp(logits - top), 0.0)

@@ -52,10 +52,12 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     with torch.no_grad():
         for index, inputs in enumerate(tqdm(batches, desc="ppcompile: calibrating", unit="batch",
                                             leave=False, disable=len(batches) < 2)):
-            out = floating_outputs(observed(*inputs))
-            size = sum(t.numel() * t.element_size() for t in out)
-            if dense_bytes + size <= keep_bytes:
-                dense[index], dense_bytes = out, dense_bytes + size
+            out = observed(*inputs)
+            if dense_bytes < keep_bytes:  # float copies only while they may be kept
+                out = floating_outputs(out)
+                size = sum(t.numel() * t.element_size() for t in out)
+                if dense_bytes + size <= keep_bytes:
+                    dense[index], dense_bytes = out, dense_bytes + size
             sampler.next_batch()
             restore_inputs()
     gm.meta["ppcompile_dense"] = dense

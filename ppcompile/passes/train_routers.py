@@ -337,7 +337,7 @@ def _kl(got, want, grad=None) -> float:
 def _relative_sq_error(got, want):
     """_relative_error as a tensor that autograd follows (encoder outputs: small)."""
     num = sum((g.float() - w.float()).square().sum() for g, w in zip(got, want))
-    return num / max(sum(float(w.float().square().sum()) for w in want), 1e-30)
+    return num / max(sum(_sum_sq(w) for w in want), 1e-30)
 
 
 def distill_loss(got, want, logits_width) -> float:
@@ -357,8 +357,8 @@ def distill_backward(got, want, logits_width, scale, buffer=None):
         (loss * scale).backward()
         return float(loss.detach()), buffer
     g, w = pair
-    if buffer is None or buffer.shape != g.shape:
-        buffer = torch.empty(g.shape, dtype=torch.float32)
+    if buffer is None or buffer.shape != g.shape or buffer.device != g.device:
+        buffer = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     loss = _kl(g.detach(), w, buffer)
     g.backward(buffer.mul_(scale).to(g.dtype))
     return loss, buffer
