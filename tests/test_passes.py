@@ -11,8 +11,9 @@ from conftest import capture, logits_of, rel_err
 from ppcompile.ffn import REGISTRY
 from ppcompile.graph import graph_tensors
 from ppcompile.options import Options
-from ppcompile.passes import (Context, attach_plans, build_experts, calibrate, distill_routers,
-                              find_ffns, rewrite, train_routers)
+from ppcompile.passes import (Context, attach_plans, build_experts, calibrate,
+                              choose_temperature, distill_routers, find_ffns, rewrite,
+                              train_routers)
 from ppcompile.passes.build_experts import balanced_assign, balanced_kmeans
 from ppcompile.passes.calibrate import residual_add
 from ppcompile.passes.train_routers import TAU_GRID, layer_budgets
@@ -133,7 +134,7 @@ def test_train_routers_registers_one_state_per_ffn():
     states = REGISTRY.states_of(list(model.parameters()))
     assert len(states) == 2 and states[0] is not states[1]
     assert states[0].router_w.shape == (128 // 8, 32)
-    # the samples stay for distill_routers, which releases them
+    # the samples stay for distill_routers and choose_temperature, which releases them
     assert all(f.state is not None and f.sample is not None for f in gm.meta["ppcompile_ffns"])
 
 
@@ -153,7 +154,8 @@ def test_distill_routers_trains_only_routers_and_keeps_them_only_if_they_help():
     counts = op_counts(gm)
     gm = distill_routers(gm, ctx)
     assert op_counts(gm) == counts
-    assert all(f.sample is None for f in gm.meta["ppcompile_ffns"])
+    # choose_temperature reads them next
+    assert all(f.sample is not None for f in gm.meta["ppcompile_ffns"])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert [s.router_w for s in states] == tensors  # updated in place
     report = gm.meta["ppcompile_distill"]
@@ -197,16 +199,16 @@ def test_budget_check_gives_distillation_its_baseline():
     assert sorted(kept) == list(range(len(batches)))  # a tiny model's outputs all fit
     for index, batch in enumerate(batches):
         with torch.no_grad():
-            dense = module.floating_outputs(gm(*module._fresh(batch)))
+            dense = module.floating_outputs(gm(*module.fresh_inputs(batch)))
         assert len(kept[index]) == len(dense)
         # calibrate ran its observed copy of the graph (recorders added): same ops, but the float
         # rounding may differ in the last bit
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(kept[index], dense))
     width = module.LOGITS_WIDTH * max(f.d_model for f, _ in planned)
-    loss = module._check_loss(module.sparse_copy(gm, planned), ctx, planned, verdict["taus"][0],
+    loss = module.sparse_loss(module.sparse_copy(gm, planned), planned, verdict["taus"][0],
                               batches[0], kept[0], width)
     assert verdict["loss"] == pytest.approx(loss, rel=1e-6)
-    gm = distill_routers(gm, ctx)
+    gm = choose_temperature(distill_routers(gm, ctx), ctx)
     assert "ppcompile_dense" not in gm.meta
 
 
@@ -225,7 +227,7 @@ def test_dense_outputs_past_the_memory_budget_are_recomputed(monkeypatch):
     _, gm, ctx = planned_graph(distill_epochs=1)
     assert sorted(gm.meta["ppcompile_dense"]) == [0]
     gm = distill_routers(gm, ctx)
-    assert "ppcompile_dense" not in gm.meta and len(gm.meta["ppcompile_distill"]["losses"]) > 0
+    assert sorted(gm.meta["ppcompile_dense"]) == [0] and gm.meta["ppcompile_distill"]["losses"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param(
@@ -257,14 +259,57 @@ def test_sliced_distillation_loss_matches_autograd(vocab, device, monkeypatch):
     assert enc.grad is not None
 
 
-def test_distill_routers_off_releases_samples_and_changes_nothing():
+def test_distill_routers_off_changes_nothing():
     _, gm, ctx = planned_graph(distill_epochs=0)
     assert sorted(gm.meta["ppcompile_dense"]) == [0]  # the budget check's batch only
     routers = [f.state.router_w.clone() for f in gm.meta["ppcompile_ffns"]]
     gm = distill_routers(gm, ctx)
-    assert "ppcompile_distill" not in gm.meta and "ppcompile_dense" not in gm.meta
-    assert all(f.sample is None for f in gm.meta["ppcompile_ffns"])
+    assert "ppcompile_distill" not in gm.meta and sorted(gm.meta["ppcompile_dense"]) == [0]
+    assert all(f.sample is not None for f in gm.meta["ppcompile_ffns"])
     assert all(torch.equal(f.state.router_w, w) for f, w in zip(gm.meta["ppcompile_ffns"], routers))
+
+
+@pytest.mark.parametrize("distill_epochs", [0, 1])
+def test_choose_temperature_scales_routers_by_the_best_measured_temperature(distill_epochs):
+    """Only the routers change, by one positive factor 1 / T (expert rankings, hence topk and
+    static, unchanged); T is the candidate with the lowest reported check loss, and that loss is
+    what the final routers give; tau = 1 keeps every expert; samples and dense outputs go."""
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    model, gm, ctx = planned_graph(distill_epochs=distill_epochs)
+    gm = distill_routers(gm, ctx)
+    ffns = gm.meta["ppcompile_ffns"]
+    planned = [(f, f.weights(ctx.values)) for f in ffns]
+    before = [(f.state.router_w.clone(), f.state.router_b.clone()) for f in ffns]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = op_counts(gm)
+    batch = tr.calibration_batches(gm, ctx)[0]
+    dense, kept = gm.meta["ppcompile_dense"][0], gm.meta["ppcompile_budget"]["kept"]
+    sparse = tr.sparse_copy(gm, planned)
+    samples = [f.sample for f in ffns]
+    gm = choose_temperature(gm, ctx)
+    assert op_counts(gm) == counts
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    report = gm.meta["ppcompile_temperature"]
+    t = report["chosen"]
+    score = {c: sum(math.log(v) for v in found) for c, found in report["losses"].items()}
+    assert len(score) >= 3 and 1.0 in score and score[t] == min(score.values())
+    for f, (w, b) in zip(ffns, before):
+        assert torch.allclose(f.state.router_w, w / t) and torch.allclose(f.state.router_b, b / t)
+        assert (f.state.tau_table is not None) == kept
+        assert float(f.state.tau) == pytest.approx(f.state.ffn_tau(ctx.options.tau))
+    # the final routers and tables give the reported loss at the lower check fraction
+    curves = [tr.budget_curve(sample, f.state.router_w, f.state.router_b)
+              for sample, f in zip(samples, ffns)]
+    width = tr.LOGITS_WIDTH * max(f.d_model for f in ffns)
+    low = tr.model_tau_for(curves, [f.d_ff for f in ffns], tr.CHECK_FRACTIONS[0])
+    assert tr.sparse_loss(sparse, planned, low, batch, dense, width) == pytest.approx(
+        report["losses"][t][0], rel=1e-6)
+    x = torch.randn(50, ffns[0].d_model)
+    logits = torch.nn.functional.linear(x, *before[0])
+    new = torch.nn.functional.linear(x, ffns[0].state.router_w, ffns[0].state.router_b)
+    assert torch.equal(logits.argsort(dim=-1, stable=True), new.argsort(dim=-1, stable=True))
+    gm = choose_temperature(gm, ctx)  # nothing planned with a sample now: a no-op
+    assert all(f.sample is None for f in ffns) and "ppcompile_dense" not in gm.meta
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "falcon", "bert"])

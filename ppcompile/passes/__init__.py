@@ -12,6 +12,7 @@ from ..options import Options
 from .attach_plans import attach_plans
 from .build_experts import build_experts
 from .calibrate import calibrate
+from .choose_temperature import choose_temperature
 from .distill_routers import distill_routers
 from .find_ffns import find_ffns
 from .lower_to_triton import lower_to_triton
@@ -32,7 +33,7 @@ class Context:
 
 
 PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, distill_routers,
-          save_plans, rewrite, lower_to_triton]
+          choose_temperature, save_plans, rewrite, lower_to_triton]
 
 
 log = logging.getLogger("ppcompile")

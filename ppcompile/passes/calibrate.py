@@ -33,7 +33,7 @@ from ..options import OptionError
 # The dense outputs of the calibration batches stay (gm.meta["ppcompile_dense"]: batch index ->
 # floating_outputs) for the budget check and the distillation, which would otherwise run the
 # dense graph again (SmolLM2: 7 more passes over 2048 tokens, ~25 s), while they fit in this
-# many bytes (on the model's device); distill_routers releases them
+# many bytes (on the model's device); choose_temperature releases them
 DENSE_KEEP_BYTES = 2 << 30
 
 

@@ -29,7 +29,7 @@ for all routers (3e-3) distillation diverged on Gemma-3-270M (dropped by the che
 scale-free lr it is kept there (held-out ratio at 50% active 2.04 -> 1.92).
 Guarantees: the graph, the model's weights and the graph's inputs are unchanged; only routers
 and tau tables change (in place, same tensors); tau = 1.0 still keeps every expert; the
-calibration samples of all FFNs and the kept dense outputs are released.
+calibration samples and the kept dense outputs stay for choose_temperature (which releases them).
 Deterministic for a given seed.
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from .calibrate import calibration_batches, floating_outputs
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
-                            distill_loss, model_tau_for, sparse_copy, with_ffn_outputs)
+                            fresh_inputs, model_tau_for, sparse_copy, sparse_loss,
+                            with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -55,13 +56,8 @@ TOKENS_PER_UPDATE = 2048  # gradients of smaller batches accumulate up to this m
 def distill_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     ffns = gm.meta["ppcompile_ffns"]
     planned = [(f, f.weights(ctx.values)) for f in ffns if f.planned_now and f.sample is not None]
-    try:
-        if planned and ctx.options.distill_epochs > 0:
-            _distill(gm, ctx, planned)
-    finally:
-        for ffn in ffns:
-            ffn.sample = None
-        gm.meta.pop("ppcompile_dense", None)
+    if planned and ctx.options.distill_epochs > 0:
+        _distill(gm, ctx, planned)
     return gm
 
 
@@ -117,8 +113,8 @@ def _distill(gm, ctx, planned):
                         dense = dense_kept.get(index)
                         if dense is None:
                             with torch.no_grad():
-                                dense = floating_outputs(gm(*_fresh(batches[index])))
-                        got = floating_outputs(student(*_fresh(batches[index])))
+                                dense = floating_outputs(gm(*fresh_inputs(batches[index])))
+                        got = floating_outputs(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
                                                              1.0 / len(group), grad_buffer)
                         total += loss / len(group)
@@ -136,8 +132,10 @@ def _distill(gm, ctx, planned):
     if not verdict["kept"]:
         for ffn, _ in planned:
             ffn.state.tau_table = None
-    loss_after = _check_loss(sparse_copy(gm, planned), ctx, planned, check_tau, batches[0],
+    loss_after = sparse_loss(sparse_copy(gm, planned), planned, check_tau, batches[0],
                              dense_kept[0], logits_width)
+    for ffn, _ in planned:
+        ffn.state.set_tau(opts.tau)
     kept = loss_after < loss_before
     if kept:
         verdict["curves"] = curves
@@ -187,24 +185,5 @@ def _fractions(planned, curves):
     return of
 
 
-def _check_loss(sparse, ctx, planned, tau, batch, dense, logits_width) -> float:
-    """The distillation loss of `sparse` (sparse_copy) on one calibration batch at model-wide
-    tau (each FFN at its own threshold for it); leaves every FFN at options.tau."""
-    for ffn, _ in planned:
-        ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
-    with torch.no_grad():
-        loss = distill_loss(floating_outputs(sparse(*_fresh(batch))), dense, logits_width)
-    for ffn, _ in planned:
-        ffn.state.set_tau(ctx.options.tau)
-    return loss
-
-
 def _rms(x) -> float:
     return max(float(x.float().square().mean().sqrt()), 1e-12)
-
-
-def _fresh(inputs):
-    """Parameters detached (no weight gradients), other tensors copied (the graph may write
-    into its inputs, and inference-mode tensors cannot be saved for backward)."""
-    return [t.detach() if isinstance(t, torch.nn.Parameter)
-            else t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]

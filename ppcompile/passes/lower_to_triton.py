@@ -1,4 +1,4 @@
-"""Pass 9: on the GPU, lower each sparse-FFN node to the Triton kernels.
+"""Pass 10: on the GPU, lower each sparse-FFN node to the Triton kernels.
 
 Matches: `ppcompile.sparse_ffn` nodes whose weights are CUDA tensors, when triton is installed and
 the method runs on the kernels (all but "oracle", which must compute the dense FFN). Each becomes

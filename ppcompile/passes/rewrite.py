@@ -1,4 +1,4 @@
-"""Pass 8: replace each planned FFN by one sparse-FFN node.
+"""Pass 9: replace each planned FFN by one sparse-FFN node.
 
 Matches: FFNs with a plan (state). Each one's projections and the nodes between them become one
 call of `torch.ops.ppcompile.sparse_ffn` on the FFN's input and its own weight placeholders (in

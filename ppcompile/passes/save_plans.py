@@ -1,4 +1,4 @@
-"""Pass 7: store what this compile planned in the plan cache.
+"""Pass 8: store what this compile planned in the plan cache.
 
 Matches: graphs in which at least one FFN was planned by this compile (options.cache on).
 Guarantees: the graph is unchanged; the plan of every FFN of the graph is written to the cache

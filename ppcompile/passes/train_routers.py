@@ -27,7 +27,7 @@ None, and the static method's expert ranking, in the weights' dtype and device; 
 options.tau; zeroed statistics) registered under its weights; gm.meta["ppcompile_budget"] holds
 the check's numbers; tau = 1.0 keeps every expert in every FFN (a table maps 1 to 1); each
 FFN's threshold never decreases as tau grows; the calibration sample stays for distill_routers
-(which releases it), its h replaced by what the budget curves read ("importance": the experts'
+and choose_temperature (which releases it), its h replaced by what the budget curves read ("importance": the experts'
 output norms [n, E]; "y2": ||y||^2 [n]). Deterministic (no randomness).
 """
 from __future__ import annotations
@@ -362,6 +362,22 @@ def distill_backward(got, want, logits_width, scale, buffer=None):
     loss = _kl(g.detach(), w, buffer)
     g.backward(buffer.mul_(scale).to(g.dtype))
     return loss, buffer
+
+
+def sparse_loss(sparse, planned, tau, batch, dense, logits_width) -> float:
+    """distill_loss of `sparse` (sparse_copy) on one calibration batch against its dense outputs,
+    at model-wide tau (each FFN at its own threshold for it; left there)."""
+    for ffn, _ in planned:
+        ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
+    with torch.no_grad():
+        return distill_loss(floating_outputs(sparse(*fresh_inputs(batch))), dense, logits_width)
+
+
+def fresh_inputs(inputs):
+    """Parameters detached (no weight gradients), other tensors copied (the graph may write
+    into its inputs, and inference-mode tensors cannot be saved for backward)."""
+    return [t.detach() if isinstance(t, torch.nn.Parameter)
+            else t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
 
 
 def sparse_copy(gm: fx.GraphModule, planned) -> fx.GraphModule:
