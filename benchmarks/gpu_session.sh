@@ -3,7 +3,8 @@
 # one device call (10 minutes at most) runs several of them:
 #   SECTIONS="kernels:260 tests:120 decode-1b:190" bash benchmarks/gpu_session.sh
 # Sections: kernels (benchmarks/kernels.py), ab (benchmarks/ab_kernels.py against AB_PREV, a git
-# revision), anatomy (benchmarks/anatomy.py), tests (tests/test_gpu.py), recompiles (the
+# revision), anatomy (benchmarks/anatomy.py), decode-anatomy (benchmarks/decode_anatomy.py:
+# a decode step's kernels, dense vs prunepath; ANATOMY_ARGS adds arguments), tests (tests/test_gpu.py), recompiles (the
 # prompt-length test with dynamo's recompile reasons), triton-tests
 # (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
 # DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25"; KERNELS_ARGS to
@@ -37,6 +38,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
     kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ${KERNELS_ARGS:-} ;;
     ab)           step ab "$limit" python benchmarks/ab_kernels.py --prev "${AB_PREV:?AB_PREV names the revision to compare with}" --out "$RESULTS" ;;
     anatomy)      step anatomy "$limit" python benchmarks/anatomy.py --out "$RESULTS" ;;
+    decode-anatomy) step decode_anatomy "$limit" python benchmarks/decode_anatomy.py --out "$RESULTS" ${ANATOMY_ARGS:-} ;;
     recompiles)   TORCH_LOGS=recompiles step recompiles "$limit" python -m pytest -q -x -s -p no:cacheprovider tests/test_gpu.py -k prompt_lengths ;;
     tests)        step pytest_gpu "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ;;
     triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ${TRITON_TESTS_K:+-k "$TRITON_TESTS_K"} ;;
