@@ -1,7 +1,7 @@
 """A/B of the kernels against an earlier commit's, in one process on the same weights, timed as
 kernels.py times (CUDA graph over weight copies larger than L2, median per call):
 
-    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR
+    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router]
 
 The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
 beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
@@ -43,6 +43,25 @@ CASES = [
     (576, 1536, 1, 16, [0.25], {"pairwise": dict(select="pairwise")}),
 ]
 
+# the one-token router and selection kernels' knobs (a decode step's profile, run 51: the router
+# kernel took 5.2 us and the pairwise selection 3.2 us per layer for a 7.3 MB router)
+_ROUTER_KNOBS = {
+    "router 2 warps": dict(router_warps=2), "router 8 warps": dict(router_warps=8),
+    "router k1024": dict(router_block_k=1024),
+    "router 2 rows k2048": dict(router_block_e=2, router_block_k=2048),
+    "router 4 rows k1024": dict(router_block_e=4, router_block_k=1024),
+    "router 4 rows k1024 8 warps": dict(router_block_e=4, router_block_k=1024, router_warps=8),
+    "router 8 rows k512": dict(router_block_e=8, router_block_k=512),
+    "sel_e 4": dict(sel_e=4), "sel_e 16": dict(sel_e=16), "sel 2 warps": dict(sel_warps=2),
+    "sel 8 warps": dict(sel_warps=8),
+}
+ROUTER_CASES = [
+    (4096, 14336, 1, 16, [0.25, 1.0], _ROUTER_KNOBS),
+    (4096, 14336, 1, 8, [0.25], _ROUTER_KNOBS),
+    (2048, 8192, 1, 16, [0.25], {k: v for k, v in _ROUTER_KNOBS.items() if "router" in k}),
+]
+CASE_SETS = {"selection": CASES, "router": ROUTER_CASES}
+
 
 def load_prev(rev: str):
     src = subprocess.run(["git", "show", f"{rev}:ppcompile/kernels/triton_ffn.py"], cwd=ROOT,
@@ -59,6 +78,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prev", required=True, help="git revision of the earlier kernels")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--cases", choices=list(CASE_SETS), default="selection")
     args = ap.parse_args()
     prev = load_prev(args.prev)
     for m in (prev, new):
@@ -67,7 +87,7 @@ def main():
     tau = torch.tensor(kb.TAU, device="cuda")
     tau_all = torch.tensor(kb.TAU_ALL, device="cuda")
     out = []
-    for d, d_ff, batch, s, fractions, overrides in CASES:
+    for d, d_ff, batch, s, fractions, overrides in CASE_SETS[args.cases]:
         copies = kb.copies_for(d, d_ff, l2)
         weights = kb.Weights(d, d_ff, copies)
         variants = [("prev", prev, {}), ("new", new, {})] + [

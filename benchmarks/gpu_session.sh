@@ -36,7 +36,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
   name=${section%%:*} limit=${section#*:}
   case $name in
     kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ${KERNELS_ARGS:-} ;;
-    ab)           step ab "$limit" python benchmarks/ab_kernels.py --prev "${AB_PREV:?AB_PREV names the revision to compare with}" --out "$RESULTS" ;;
+    ab)           step ab "$limit" python benchmarks/ab_kernels.py --prev "${AB_PREV:?AB_PREV names the revision to compare with}" --out "$RESULTS" ${AB_ARGS:-} ;;
     anatomy)      step anatomy "$limit" python benchmarks/anatomy.py --out "$RESULTS" ;;
     decode-anatomy) step decode_anatomy "$limit" python benchmarks/decode_anatomy.py --out "$RESULTS" ${ANATOMY_ARGS:-} ;;
     recompiles)   TORCH_LOGS=recompiles step recompiles "$limit" python -m pytest -q -x -s -p no:cacheprovider tests/test_gpu.py -k prompt_lengths ;;

@@ -469,7 +469,11 @@ def test_torch_compile_sees_the_kernels(n, monkeypatch):
 @pytest.mark.parametrize("n", [1, 8, 16])  # past DENSE_ABOVE the op is the reference's torch ops
 def test_inductor_adds_no_kernels(n, monkeypatch):
     """Inductor's mutation analysis must see that the kernels write only their own buffers:
-    otherwise it clones inputs (tau, weights) before every call, in kernels of its own."""
+    otherwise it clones inputs (tau, weights) before every call, in kernels of its own. With the
+    residual add a decoder block puts after an FFN, Inductor adds exactly that add, into which
+    the fused path's cast and bias (torch ops on the op's fp32 accumulator) are fused."""
+    import re
+
     from torch._inductor.utils import run_and_get_code
 
     from ppcompile.kernels import gpu_op  # noqa: F401
@@ -479,13 +483,17 @@ def test_inductor_adds_no_kernels(n, monkeypatch):
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=12)
     tau = tau_tensor(0.7)
 
-    def f(*args):
-        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16, "prunepath")
+    def f(x, *rest):
+        y, counts = torch.ops.ppcompile.sparse_ffn_triton(x, *rest, tau, "silu", 16, "prunepath")
+        return x + y, counts
 
-    _, codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
+    (out, _), codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
     code = "\n".join(codes)
-    for own in ("triton_poi_", "triton_per_", "triton_red_", "extern_kernels."):
-        assert own not in code, f"Inductor added {own}... around the op"
+    assert "extern_kernels." not in code
+    own = set(re.findall(r"def (triton_(?:poi|per|red)_\w+)\(", code))
+    assert len(own) == 1 and "add" in own.pop(), f"Inductor's kernels around the op: {own}"
+    y, _ = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau, "silu", 16, "prunepath")
+    assert torch.allclose(out.float(), (ffn["x"] + y).float(), atol=1e-2, rtol=1e-2)
 
 
 @native_only
