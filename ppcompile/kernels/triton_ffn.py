@@ -22,9 +22,8 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
     3. _up_kernel: persistent programs over compact neurons: h = act(x W_gate^T) * (x W_up^T),
        zeroed for tokens that dropped the expert, either stored to a small H [N, d_ff] buffer
        (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
-       W_down at once and reduced into an fp32 accumulator with atomics, which the launcher
-       casts (and adds the bias to) with torch ops: under Inductor that fuses into the next
-       kernel.
+       W_down at once and reduced into y with fp32 atomics; the last program to finish adds the
+       bias and casts y.
     4. _down_kernel: y = H @ W_down^T over the union's neurons only, split over (token tile,
        output columns, KS slices of the neurons); with KS > 1 the slices meet in an fp32
        workspace through atomics and the last slice of each tile writes y.
@@ -331,12 +330,12 @@ def _up_kernel(
     x_ptr, stride_xn, stride_xk,
     wu_ptr, stride_uf, stride_uk, bu_ptr,
     wg_ptr, stride_gf, stride_gk, bg_ptr,
-    wd_ptr, stride_do, stride_df,
+    wd_ptr, stride_do, stride_df, bd_ptr,
     logits_ptr, tau_ptr, bits_ptr, counts_ptr,
-    h_ptr, acc_ptr, scr_e_ptr, scr_b_ptr,
+    h_ptr, acc_ptr, counter_ptr, y_ptr, scr_e_ptr, scr_b_ptr,
     N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
-    HAS_BU: tl.constexpr, HAS_BG: tl.constexpr,
+    HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
     TOPK: tl.constexpr, FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
@@ -432,12 +431,19 @@ def _up_kernel(
                      mask=row_ok[:, None] & q_ok[None, :])
 
     if FUSE_DOWN:
-        # the partial sums meet in the fp32 accumulator; the launcher turns it into y with torch
-        # ops, which Inductor fuses into the kernel that reads y (no arrival ticket, no last
-        # program reading the accumulator back: run 53)
+        out = rows[:, None] * DO + oo[None, :]
+        out_ok = row_ok[:, None] & (oo < DO)[None, :]
         if q_end > q_start:
-            tl.atomic_add(acc_ptr + rows[:, None] * DO + oo[None, :], y_acc,
-                          mask=row_ok[:, None] & (oo < DO)[None, :], sem="relaxed")
+            tl.atomic_add(acc_ptr + out, y_acc, mask=out_ok, sem="relaxed")
+        # last program in: all partial sums are in acc (bar.sync, then a gpu-scope acq_rel
+        # ticket, as CUTLASS's semaphores do); acc is read from L2 (.cg), never from a stale L1
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + m, 1, sem="acq_rel")
+        if ticket == P - 1:
+            total = tl.load(acc_ptr + out, mask=out_ok, other=0.0, cache_modifier=".cg")
+            if HAS_BD:
+                total += tl.load(bd_ptr + oo, mask=oo < DO, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -749,11 +755,11 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         return _empty((1,), dt, dev)
 
     need_acc = p.fuse_down or split_down
-    n_counters = n_mtiles * n_dtiles if split_down else 0
+    n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
     logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
     bits = _empty((n_mtiles, n_exp), torch.int64, dev)
     counts = _empty((2,), torch.float64, dev)
-    y = None if p.fuse_down else _empty((n, d_out), dtype, dev)
+    y = _empty((n, d_out), dtype, dev)
     acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
     counters = _empty((max(1, n_counters),), torch.int32, dev)
     h = dummy(dtype) if p.fuse_down else _empty((n, d_ff), dtype, dev)
@@ -806,11 +812,12 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         x2d, x2d.stride(0), x2d.stride(1),
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
         wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
-        w_down, *wd_strides,
+        w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
         logits, tau, bits, counts,
-        h, acc, scr_e, scr_b,
+        h, acc, counters, y, scr_e, scr_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
+        HAS_BD=b_down is not None,
         TOPK=topk, FUSED_SELECT=p.select == "fused", FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
@@ -820,10 +827,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     )
 
     # 4. down
-    if p.fuse_down:
-        # torch ops, so that Inductor fuses them into the kernel that reads y
-        y = (acc if b_down is None else acc + b_down).to(dtype)
-    else:
+    if not p.fuse_down:
         down_maxe = (triton.cdiv(d_ff, p.down_ks) - 1) // s + 2
         scr_d = _empty((n_mtiles * n_dtiles * p.down_ks * down_maxe,), torch.int32, dev)
         wrap_triton(_down_kernel)[(n_mtiles, n_dtiles * p.down_ks)](
