@@ -74,7 +74,10 @@ class SparseFFN:
 
     set_tau sets the model-wide tau; "prunepath" runs each FFN at its own threshold, read off
     `tau_table` (the layer budget train_routers fitted; None: the model-wide tau), the other
-    methods at the model-wide one (for "topk"/"static" it is the fraction of experts kept)."""
+    methods at the model-wide one (for "topk"/"static" it is the fraction of experts kept).
+    With a `temperature_table` (choose_temperature), set_tau also sets the router's softmax
+    temperature for that tau: router_w and router_b are rewritten in place as the router at
+    temperature 1 (kept on the CPU) divided by it; the ranking of experts is unchanged."""
 
     name: str
     kind: str
@@ -87,6 +90,9 @@ class SparseFFN:
     static_scores: torch.Tensor  # [E] log mean share of each expert: the "static" method's ranking
     tau: torch.Tensor  # 0-d float32: this FFN's own mass threshold (what "prunepath" reads)
     tau_table: torch.Tensor | None = None  # [2, K] float32: (model-wide tau, this FFN's tau)
+    # [2, K] float32: (model-wide tau, router temperature), set_tau interpolates it; router_w and
+    # router_b given with it are the router at temperature 1
+    temperature_table: torch.Tensor | None = None
     model_tau: torch.Tensor = field(init=False)  # 0-d float32: as set_tau set it (other methods)
     stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
@@ -99,7 +105,23 @@ class SparseFFN:
         self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
         self._static_w = torch.zeros_like(self.router_w)
         self.model_tau = self.tau.clone()
-        self.set_tau(float(self.tau))
+        self.set_temperature_table(self.temperature_table)
+
+    def set_temperature_table(self, table: torch.Tensor | None):
+        """Give the router a temperature per model-wide tau (None: the router as it is now,
+        at temperature 1); router_w and router_b must hold the router at temperature 1."""
+        self.temperature_table = table
+        self._router_one = None if table is None else (
+            self.router_w.detach().float().cpu().clone(), self.router_b.detach().float().cpu().clone())
+        self.set_tau(float(self.model_tau))
+
+    def router_at_one(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router at temperature 1 (what a plan stores with its temperature table)."""
+        return self._router_one if self._router_one is not None else (self.router_w, self.router_b)
+
+    def temperature(self, tau: float) -> float:
+        """The router's temperature at model-wide tau (1.0 without a table)."""
+        return 1.0 if self.temperature_table is None else _interpolate(self.temperature_table, tau)
 
     @property
     def num_experts(self) -> int:
@@ -113,14 +135,16 @@ class SparseFFN:
         """This FFN's threshold at model-wide tau: the table interpolated (1.0 stays 1.0)."""
         if self.tau_table is None or tau >= 1.0:
             return tau
-        grid, own = self.tau_table.tolist()
-        i = min(max(bisect.bisect_right(grid, tau), 1), len(grid) - 1)
-        t = (tau - grid[i - 1]) / max(grid[i] - grid[i - 1], 1e-12)
-        return min(1.0, max(0.0, own[i - 1] + min(max(t, 0.0), 1.0) * (own[i] - own[i - 1])))
+        return min(1.0, max(0.0, _interpolate(self.tau_table, tau)))
 
     def set_tau(self, tau: float):
         self.model_tau.fill_(tau)
         self.tau.fill_(self.ffn_tau(tau))
+        if self._router_one is not None:
+            t = self.temperature(tau)
+            with torch.no_grad():
+                self.router_w.copy_(self._router_one[0] / t)
+                self.router_b.copy_(self._router_one[1] / t)
         self.stats.zero_()
 
     def router_inputs(self, method: str) -> tuple:
@@ -130,6 +154,14 @@ class SparseFFN:
 
     def tau_input(self, method: str) -> torch.Tensor:
         return self.tau if method == "prunepath" else self.model_tau
+
+
+def _interpolate(table: torch.Tensor, x: float) -> float:
+    """table [2, K] (increasing grid, values) read at x, linearly, clamped to its ends."""
+    grid, values = table.tolist()
+    i = min(max(bisect.bisect_right(grid, x), 1), len(grid) - 1)
+    t = (x - grid[i - 1]) / max(grid[i] - grid[i - 1], 1e-12)
+    return values[i - 1] + min(max(t, 0.0), 1.0) * (values[i] - values[i - 1])
 
 
 class Registry:

@@ -1,5 +1,5 @@
 """Plans: what calibration produced (neuron order, routers, layer budgets as per-FFN tau tables,
-the options that made them), saved to one safetensors file with a JSON header, and tied to the
+router temperatures per tau, the options that made them), saved to one safetensors file with a JSON header, and tied to the
 weights they were made for.
 
 Tying a plan to weights must survive our own in-place permutation, so each FFN is identified by
@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 
 from .options import OptionError
 
-FORMAT = "ppcompile-plan/2"  # /2 added the per-FFN tau tables
-READABLE = ("ppcompile-plan/1", FORMAT)  # a /1 plan has no tables: every FFN runs at the model's tau
+# /2 added the per-FFN tau tables, /3 the router temperature tables
+FORMAT = "ppcompile-plan/3"
+# a /1 plan has no tables: every FFN runs at the model's tau; /1 and /2 routers have temperature 1
+READABLE = ("ppcompile-plan/1", "ppcompile-plan/2", FORMAT)
 
 
 def neuron_signature(weights: dict) -> torch.Tensor:
@@ -64,13 +66,15 @@ def save(path, states, fingerprint: str, options: dict, calibration: dict | None
     """Write a plan. `states` are SparseFFN objects carrying `signature`."""
     tensors, ffns = {}, []
     for i, s in enumerate(states):
+        router_w, router_b = s.router_at_one()
         tensors.update({f"{i}.perm": s.perm.cpu().contiguous(),
-                        f"{i}.router_w": s.router_w.detach().float().cpu().contiguous(),
-                        f"{i}.router_b": s.router_b.detach().float().cpu().contiguous(),
+                        f"{i}.router_w": router_w.detach().float().cpu().contiguous(),
+                        f"{i}.router_b": router_b.detach().float().cpu().contiguous(),
                         f"{i}.static_scores": s.static_scores.float().cpu().contiguous(),
                         f"{i}.signature": s.signature.contiguous()})
-        if s.tau_table is not None:
-            tensors[f"{i}.tau_table"] = s.tau_table.float().cpu().contiguous()
+        for table in ("tau_table", "temperature_table"):
+            if getattr(s, table) is not None:
+                tensors[f"{i}.{table}"] = getattr(s, table).float().cpu().contiguous().clone()
         ffns.append(dict(name=s.name, kind=s.kind, activation=s.activation, d_model=s.d_model,
                          d_ff=s.d_ff, expert_size=s.expert_size))
     header = dict(format=FORMAT, fingerprint=fingerprint, options=options, ffns=ffns,

@@ -197,3 +197,34 @@ def test_plan_file_carries_layer_budgets(tmp_path, monkeypatch, kept):
         assert (a.tau_table is None) == (b.tau_table is None) == (not kept)
         assert not kept or torch.equal(a.tau_table, b.tau_table)
         assert float(a.tau) == float(b.tau)
+
+
+def test_plan_file_carries_temperature_tables(tmp_path, monkeypatch):
+    """A plan with router temperatures per tau: the file stores the routers at temperature 1 and
+    the tables; the loaded model follows set_tau exactly as the one that made the plan."""
+    ct = importlib.import_module("ppcompile.passes.choose_temperature")
+    designed = iter([3.0, 1.0, 2.0, 2.0, 1.0, 3.0, 4.0, 4.0])  # T = 0.75, 1, 1.5, 2 x (lo, hi)
+    monkeypatch.setattr(ct, "TEMPERATURES", (0.75, 1.0, 1.5, 2.0))
+    monkeypatch.setattr(ct, "sparse_loss", lambda *a: next(designed))
+    monkeypatch.setattr(ct, "_fraction_grows", lambda *a: True)
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    real = tr.check_budget
+    monkeypatch.setattr(tr, "check_budget", lambda *a: {**real(*a), "kept": False})
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.6, distill_epochs=0)
+    out = run(compiled)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    states = REGISTRY.states_of(list(model.parameters()))
+    assert all(s.temperature_table is not None for s in states)
+    torch._dynamo.reset()
+    again = tiny_model("llama")
+    loaded = torch.compile(again, backend="prunepath", options={"tau": 0.6, "plan": str(path)})
+    assert rel_err(run(loaded), out) < 1e-5
+    for tau in (0.95, 0.3):
+        ppcompile.set_tau(compiled, tau)
+        ppcompile.set_tau(loaded, tau)
+        assert rel_err(run(loaded), run(compiled)) < 1e-5
+        for a, b in zip(states, REGISTRY.states_of(list(again.parameters()))):
+            assert torch.equal(a.temperature_table, b.temperature_table)
+            assert torch.allclose(a.router_w, b.router_w) and a.temperature(tau) != 1.0

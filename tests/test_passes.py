@@ -290,13 +290,24 @@ def test_choose_temperature_scales_routers_by_the_best_measured_temperature(dist
     assert op_counts(gm) == counts
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     report = gm.meta["ppcompile_temperature"]
-    t = report["chosen"]
-    score = {c: sum(math.log(v) for v in found) for c, found in report["losses"].items()}
-    assert len(score) >= 3 and 1.0 in score and score[t] == min(score.values())
+    losses = report["losses"]
+    assert len(losses) >= 3 and 1.0 in losses
+    score = {c: sum(math.log(v) for v in found) for c, found in losses.items()}
+    if report["table"] is None:
+        t = report["chosen"]
+        assert score[t] == min(score.values())
+    else:  # a temperature per operating point: the best one at each check fraction
+        temps = report["table"][1].tolist()
+        for end, i in ((temps[0], 0), (temps[-1], -1)):  # ties go to temperature 1
+            assert end == pytest.approx(min(losses, key=lambda c: (losses[c][i], c != 1.0)))
+        t = ffns[0].state.temperature(ctx.options.tau)
+        assert not kept
     for f, (w, b) in zip(ffns, before):
         assert torch.allclose(f.state.router_w, w / t) and torch.allclose(f.state.router_b, b / t)
         assert (f.state.tau_table is not None) == kept
         assert float(f.state.tau) == pytest.approx(f.state.ffn_tau(ctx.options.tau))
+    if report["table"] is not None:
+        return
     # the final routers and tables give the reported loss at the lower check fraction
     curves = [tr.budget_curve(sample, f.state.router_w, f.state.router_b)
               for sample, f in zip(samples, ffns)]
@@ -405,3 +416,51 @@ def test_layer_budgets_spend_the_budget_where_dropping_costs_most():
              + fraction[TAU_GRID.tolist().index(tables[1][middle].item())]) / 2
     assert spent <= fraction[middle] + 1e-9  # within the budget of the unchanged tau
     assert all(t[-1] == 1.0 for t in tables)
+
+
+def test_temperature_table_follows_tau(monkeypatch):
+    """Where the best temperature differs between the check fractions (and the layer budget is
+    dropped), each FFN gets a table: its router at temperature 1 divided by T(tau), rewritten in
+    place by set_tau; T is the lower fraction's best up to its tau, the higher's from its tau."""
+    ct = importlib.import_module("ppcompile.passes.choose_temperature")
+    designed = iter([3.0, 1.0, 2.0, 2.0, 1.0, 3.0, 4.0, 4.0])  # T = 0.75, 1, 1.5, 2 x (lo, hi)
+    monkeypatch.setattr(ct, "TEMPERATURES", (0.75, 1.0, 1.5, 2.0))
+    monkeypatch.setattr(ct, "sparse_loss", lambda *a: next(designed))
+    monkeypatch.setattr(ct, "_fraction_grows", lambda *a: True)
+    _, gm, ctx = planned_graph(distill_epochs=0)
+    gm.meta["ppcompile_budget"]["kept"] = False
+    ffns = gm.meta["ppcompile_ffns"]
+    before = [(f.state.router_w.clone(), f.state.router_b.clone()) for f in ffns]
+    gm = choose_temperature(gm, ctx)
+    report = gm.meta["ppcompile_temperature"]
+    table = report["table"]
+    tau_lo, tau_hi = report["taus"][1.5][0], report["taus"][0.75][-1]
+    assert tau_lo < tau_hi, "the tiny model's check taus should be ordered"
+    assert table is not None and table[0, 0] == pytest.approx(tau_lo)
+    assert table[0, -1] == pytest.approx(tau_hi)
+    state, (w, b) = ffns[0].state, before[0]
+    for tau, t in [(tau_lo - 0.05, 1.5), (tau_lo, 1.5), (tau_hi, 0.75), (0.99, 0.75)]:
+        state.set_tau(tau)
+        assert state.temperature(tau) == pytest.approx(t, rel=1e-5)
+        assert torch.allclose(state.router_w, w / t) and torch.allclose(state.router_b, b / t)
+    mid = (tau_lo + tau_hi) / 2
+    state.set_tau(mid)
+    assert 0.75 < state.temperature(mid) < 1.5
+    assert torch.equal(state.router_at_one()[0], w.float())
+
+
+def test_schedule_and_fraction_check():
+    ct = importlib.import_module("ppcompile.passes.choose_temperature")
+    table = ct._schedule(0.5, 2.0, 0.9, 0.5, steps=4)
+    assert table.shape == (2, 5)
+    assert table[1, 0] == pytest.approx(2.0) and table[1, -1] == pytest.approx(0.5)
+    assert table[1, 2] == pytest.approx(1.0)  # log-linear: the geometric mean halfway
+    _, gm, ctx = planned_graph(distill_epochs=0)
+    planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
+    base = [(f.state.router_w, f.state.router_b) for f, _ in planned]
+    widths = [f.d_ff for f, _ in planned]
+    flat = torch.stack([torch.linspace(0.3, 0.9, 5), torch.ones(5)]).float()
+    assert ct._fraction_grows(planned, base, flat, widths)  # one temperature: tau decides
+    # from near-uniform at tau 0.3 to very peaked at 0.9: the mean fraction falls as tau grows
+    steep = torch.stack([torch.tensor([0.3, 0.9]), torch.tensor([100.0, 0.01])]).float()
+    assert not ct._fraction_grows(planned, base, steep, widths)

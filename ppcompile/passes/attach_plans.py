@@ -111,6 +111,7 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             static_scores=tensors[f"{i}.static_scores"].to(device=on_device["device"]),
             tau=torch.tensor(1.0, dtype=torch.float32, device=on_device["device"]),
             tau_table=tensors.get(f"{i}.tau_table"),
+            temperature_table=tensors.get(f"{i}.temperature_table"),
             perm=perm, signature=signature,
             plan_key=tuple({**PLAN_FIELD_DEFAULTS, **opts}[name] for name in PLAN_FIELDS),
             plan_file=path)
