@@ -39,7 +39,9 @@ from .calibrate import calibration_batches
 from .train_routers import (CHECK_FRACTIONS, LOGITS_WIDTH, budget_tables, model_tau_for,
                             sparse_copy, sparse_loss)
 
-TEMPERATURES = (0.75, 1.0, 1.5, 2.0)
+# each candidate costs two forwards of the check batch; 2.0 won at neither check fraction on
+# Gemma-3 or SmolLM2 (router_ablation.md, I)
+TEMPERATURES = (0.75, 1.0, 1.5)
 
 
 def choose_temperature(gm: fx.GraphModule, ctx) -> fx.GraphModule:
