@@ -16,7 +16,9 @@ together on what the model outputs:
   outputs (encoders);
 - Adam on the routers only, each router's lr DISTILL_LR / RMS of its FFN's input (so a step
   moves router logits alike whatever the input's scale), options.distill_epochs passes over the
-  calibration batches, one update per >= TOKENS_PER_UPDATE tokens, against the dense outputs
+  calibration batches but the first (the check batch, held out when there are others, so that
+  the checks after training see tokens it did not fit), one update per >= TOKENS_PER_UPDATE
+  tokens, against the dense outputs
   calibrate kept (recomputed per batch where they did not fit its memory budget);
 - then the layer budget's tables are refitted on the trained routers (the budget check's verdict
   stands), and the trained routers are kept only if the same loss on the budget check's batch, at
@@ -95,13 +97,14 @@ def _distill(gm, ctx, planned):
         data = opts.calibration
         tokens = data.shape[0] * data.shape[1] if data is not None and data.dim() >= 2 else 1
         per_update = max(1, math.ceil(TOKENS_PER_UPDATE * len(batches) / max(tokens, 1)))
+        train = list(range(1, len(batches))) or [0]
         frozen = [p for p in gm.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         try:
             losses, grad_buffer = [], None
             for _ in range(opts.distill_epochs):
-                order = torch.randperm(len(batches), generator=gen).tolist()
+                order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
                 for first in range(0, len(order), per_update):
                     mean = FRACTIONS[0] + (FRACTIONS[1] - FRACTIONS[0]) * float(
                         torch.rand((), generator=gen))
