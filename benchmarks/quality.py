@@ -48,7 +48,8 @@ MATCHED = (0.5, 0.6, 0.7, 0.8, 0.9)
 CALIBRATED = re.compile(r"ppcompile: calibrated .* in ([0-9.]+) s")
 PASS_TIME = re.compile(r"pass (\w+): ([0-9.]+) s")
 # the passes that make a plan: calibration and router training in the issue's words
-PLAN_PASSES = ("calibrate", "build_experts", "train_routers", "distill_routers")
+PLAN_PASSES = ("calibrate", "build_experts", "train_routers", "distill_routers",
+               "choose_temperature")
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,8 @@ def notes(results) -> list[str]:
              "by the first (prunepath) compile.",
              "The calibration line times only the calibration forward passes; the plan time is "
              "the sum of the passes that make the plan (calibrate, build_experts, train_routers, "
-             "distill_routers: the backend's own timings); the first compile + call adds the "
+             "distill_routers, choose_temperature: the backend's own timings); the first "
+             "compile + call adds the "
              "other passes, Inductor's compile and one evaluation batch."]
     for name, summary in results["models"].items():
         rows = [m for m in results["matched"] if m["model"] == name]
@@ -423,9 +425,11 @@ def notes(results) -> list[str]:
     lines.append("prunepath's plan: expert size and calibration tokens as above, linear routers "
                  "(ridge fit of log output shares refined by cross-entropy) and a layer budget "
                  "(per-FFN tau tables), kept only where it brings a calibration batch's outputs "
-                 "closer to dense, then end-to-end router distillation (pass distill_routers), "
-                 "kept only where it lowers the distillation loss on a calibration batch (the "
-                 "backend prints which); topk, static and oracle run at the "
+                 "closer to dense, then end-to-end router distillation (pass distill_routers, on "
+                 "the calibration batches but the first), kept only where it lowers the "
+                 "distillation loss on that first batch, then the routers' softmax temperature "
+                 "(pass choose_temperature: one, or one per tau) chosen on the same batch (the "
+                 "backend prints all three decisions); topk, static and oracle run at the "
                  "model-wide tau, topk/static on the same plan's routers/rankings. What each part "
                  "contributes: benchmarks/results/router_ablation.md.")
     lines.append("Perplexity is over independent 256-token windows (no earlier context), so it is "
