@@ -111,8 +111,8 @@ class SparseFFN:
         """Give the router a temperature per model-wide tau (None: the router as it is now,
         at temperature 1); router_w and router_b must hold the router at temperature 1."""
         self.temperature_table = table
-        self._router_one = None if table is None else (
-            self.router_w.detach().float().cpu().clone(), self.router_b.detach().float().cpu().clone())
+        self._router_one = None if table is None else tuple(
+            t.detach().float().cpu().clone() for t in (self.router_w, self.router_b))
         self.set_tau(float(self.model_tau))
 
     def router_at_one(self) -> tuple[torch.Tensor, torch.Tensor]:
