@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -28,27 +27,6 @@ from ppcompile import bench  # noqa: E402
 STEPS = 16
 
 
-def kernel_table(decoder, prompt) -> dict:
-    """{kernel name: [calls per step, us per step]} over STEPS decode steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def per_name(new_tokens):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder.generate(prompt, new_tokens)
-            torch.cuda.synchronize()
-        out = defaultdict(lambda: [0, 0.0])
-        for e in prof.key_averages():
-            us = getattr(e, "self_device_time_total", 0.0)
-            if us > 0:
-                out[e.key][0] += e.count
-                out[e.key][1] += us
-        return out
-
-    long, short = per_name(1 + STEPS), per_name(1)
-    return {k: [(v[0] - short.get(k, [0, 0.0])[0]) / STEPS,
-                (v[1] - short.get(k, [0, 0.0])[1]) / STEPS] for k, v in long.items()}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -56,15 +34,8 @@ def main():
     ap.add_argument("--expert-size", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     bench.configure_dynamo()
-    shape = dict(bench.LLAMA_SHAPES["llama3-8b"], num_hidden_layers=args.layers)
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                         **shape)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model = bench.random_llama("llama3-8b", layers=args.layers)
     if hasattr(torch.profiler._utils, "_init_for_cuda_graphs"):
         torch.profiler._utils._init_for_cuda_graphs()
     prompt = torch.randint(0, 128256, (1, 128), device="cuda")
@@ -75,7 +46,7 @@ def main():
     model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         decoder.generate(prompt, 1 + STEPS)
-    tables["dense"] = kernel_table(decoder, prompt)
+    tables["dense"] = decoder.step_kernels(prompt, STEPS)
     torch._dynamo.reset()
     calibration = torch.randint(0, 128256, (16, 128), device="cuda")
     model.forward = torch.compile(forward, backend="prunepath", options=dict(
@@ -86,7 +57,7 @@ def main():
         ppcompile.set_tau(model, tau)
         for _ in range(3):
             decoder.generate(prompt, 1 + STEPS)
-        tables[f"prunepath {target}"] = kernel_table(decoder, prompt)
+        tables[f"prunepath {target}"] = decoder.step_kernels(prompt, STEPS)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_anatomy.json").write_text(json.dumps(dict(
         gpu=torch.cuda.get_device_name(), layers=args.layers, steps=STEPS,

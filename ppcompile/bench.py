@@ -39,12 +39,14 @@ LLAMA_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B and Meta-Llama-3-8
 }
 
 
-def random_llama(name: str, dtype=torch.bfloat16, device="cuda"):
-    """A LlamaForCausalLM of a real model's shape with random weights (HF's initialisation)."""
+def random_llama(name: str, dtype=torch.bfloat16, device="cuda", layers: int | None = None):
+    """A LlamaForCausalLM of a real model's shape with random weights (HF's initialisation);
+    layers: fewer decoder layers than the real model (the per-layer kernels are the same)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape = dict(LLAMA_SHAPES[name], **({} if layers is None else {"num_hidden_layers": layers}))
     config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=128000, eos_token_id=128001, **LLAMA_SHAPES[name])
+                         bos_token_id=128000, eos_token_id=128001, **shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
@@ -146,19 +148,28 @@ class Decoder:
         wall time it leaves out the host's share (generate()'s Python and a sync per token, which
         the GPU waits for), so dense vs sparse on it is what the ideal speed-up predicts.
         None if the profiler saw no kernels (CUDA-graph replays it cannot see)."""
-        from torch.profiler import ProfilerActivity, profile
-
-        def kernel_us(new_tokens):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                self.generate(prompt, new_tokens)
-                torch.cuda.synchronize()
-            return sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-
         try:
-            step_us = (kernel_us(1 + steps) - kernel_us(1)) / steps
+            step_us = sum(us for _, us in self.step_kernels(prompt, steps).values())
         except RuntimeError:  # a profiler that cannot start here: leave the field empty
             return None
         return step_us / 1e3 if step_us > 0 else None
+
+    def step_kernels(self, prompt, steps: int = 32) -> dict:
+        """{kernel name: [calls, microseconds]} per decode step, as gpu_step_ms measures it."""
+        from torch.profiler import ProfilerActivity, profile
+
+        def per_name(new_tokens):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                self.generate(prompt, new_tokens)
+                torch.cuda.synchronize()
+            return {e.key: (e.count, getattr(e, "self_device_time_total", 0.0))
+                    for e in prof.key_averages()}
+
+        long, short = per_name(1 + steps), per_name(1)
+        none = (0, 0.0)
+        return {k: [(long.get(k, none)[0] - short.get(k, none)[0]) / steps,
+                    (long.get(k, none)[1] - short.get(k, none)[1]) / steps]
+                for k in long.keys() | short.keys()}
 
 
 def ffn_byte_share(model) -> float:

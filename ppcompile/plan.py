@@ -1,6 +1,6 @@
 """Plans: what calibration produced (neuron order, routers, layer budgets as per-FFN tau tables,
-router temperatures per tau, the options that made them), saved to one safetensors file with a JSON header, and tied to the
-weights they were made for.
+router temperatures per tau, the options that made them), saved to one safetensors file with a
+JSON header, and tied to the weights they were made for.
 
 Tying a plan to weights must survive our own in-place permutation, so each FFN is identified by
 its per-neuron weight sums, sorted (a "signature", invariant under neuron order). Loading a plan

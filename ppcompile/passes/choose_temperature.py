@@ -75,11 +75,7 @@ def _choose(gm, ctx, planned):
             for s, (w, b) in zip(states, base):
                 s.router_w.copy_(w / t)
                 s.router_b.copy_(b / t)
-        curves = budget_tables(planned)
-        if not budget_kept:
-            for s in states:
-                s.tau_table = None
-        return curves
+        return budget_tables(planned, budget_kept)
 
     losses, taus = {}, {}
     for t in TEMPERATURES:

@@ -18,8 +18,8 @@ together on what the model outputs:
   moves router logits alike whatever the input's scale), options.distill_epochs passes over the
   calibration batches but the first (the check batch, held out when there are others, so that
   the checks after training see tokens it did not fit), one update per >= TOKENS_PER_UPDATE
-  tokens, against the dense outputs
-  calibrate kept (recomputed per batch where they did not fit its memory budget);
+  tokens, against the dense outputs calibrate kept (recomputed per batch where they did not fit
+  its memory budget);
 - then the layer budget's tables are refitted on the trained routers (the budget check's verdict
   stands), and the trained routers are kept only if the same loss on the budget check's batch, at
   its lower active fraction, is below that of the fitted routers (not the check's relative L2
@@ -131,10 +131,7 @@ def _distill(gm, ctx, planned):
             state.router_w.copy_(w)
             state.router_b.copy_(b)
     seconds = time.perf_counter() - start
-    curves = budget_tables(planned)
-    if not verdict["kept"]:
-        for ffn, _ in planned:
-            ffn.state.tau_table = None
+    curves = budget_tables(planned, verdict["kept"])
     loss_after = sparse_loss(sparse_copy(gm, planned), planned, check_tau, batches[0],
                              dense_kept[0], logits_width)
     for ffn, _ in planned:

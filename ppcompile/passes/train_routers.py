@@ -27,8 +27,8 @@ None, and the static method's expert ranking, in the weights' dtype and device; 
 options.tau; zeroed statistics) registered under its weights; gm.meta["ppcompile_budget"] holds
 the check's numbers; tau = 1.0 keeps every expert in every FFN (a table maps 1 to 1); each
 FFN's threshold never decreases as tau grows; the calibration sample stays for distill_routers
-and choose_temperature (which releases it), its h replaced by what the budget curves read ("importance": the experts'
-output norms [n, E]; "y2": ||y||^2 [n]). Deterministic (no randomness).
+and choose_temperature (which releases it), its h replaced by what the budget curves read
+("importance": the experts' output norms [n, E]; "y2": ||y||^2 [n]). Deterministic.
 """
 from __future__ import annotations
 
@@ -120,15 +120,17 @@ def fit_budget(gm: fx.GraphModule, ctx, planned):
     gm.meta["ppcompile_budget"] = verdict
 
 
-def budget_tables(planned) -> list:
+def budget_tables(planned, budget: bool = True) -> list:
     """Budget curves of the planned FFNs on their samples and current routers, and each state's
-    tau_table from them (layer_budgets); returns the curves."""
+    tau_table from them (layer_budgets; None without the budget, so every FFN runs at the
+    model-wide tau); returns the curves."""
     with torch.no_grad():
         curves = [budget_curve(ffn.sample, ffn.state.router_w, ffn.state.router_b)
                   for ffn, _ in planned]
-        tables = layer_budgets(curves, [ffn.d_ff for ffn, _ in planned])
+        tables = (layer_budgets(curves, [ffn.d_ff for ffn, _ in planned]) if budget
+                  else [None] * len(planned))
     for (ffn, _), table in zip(planned, tables):
-        ffn.state.tau_table = torch.stack([TAU_GRID, table]).float()
+        ffn.state.tau_table = None if table is None else torch.stack([TAU_GRID, table]).float()
     return curves
 
 
