@@ -1,7 +1,7 @@
 """A/B of the kernels against an earlier commit's, in one process on the same weights, timed as
 kernels.py times (CUDA graph over weight copies larger than L2, median per call):
 
-    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router]
+    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router|shared]
 
 The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
 beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import subprocess
 import sys
@@ -60,7 +61,18 @@ ROUTER_CASES = [
     (4096, 14336, 1, 8, [0.25], _ROUTER_KNOBS),
     (2048, 8192, 1, 16, [0.25], {k: v for k, v in _ROUTER_KNOBS.items() if "router" in k}),
 ]
-CASE_SETS = {"selection": CASES, "router": ROUTER_CASES}
+# the one- and two-token selection shared by the up programs through a grid barrier ("shared")
+# against its own kernel ("pairwise") and, up to 512 experts, a sort in every program ("fused")
+_PAIRWISE = {"pairwise kernel": dict(select="pairwise")}
+SHARED_CASES = [
+    (4096, 14336, 1, 16, [0.0, 0.25, 0.5, 1.0], {**_PAIRWISE, "shared sel_e 8": dict(sel_e=8)}),
+    (4096, 14336, 1, 8, [0.25, 1.0], _PAIRWISE),
+    (4096, 14336, 2, 16, [0.25, 1.0], _PAIRWISE),
+    (4096, 11008, 1, 16, [0.25, 0.5, 1.0], {**_PAIRWISE, "fused": dict(select="fused")}),
+    (2048, 8192, 1, 16, [0.25, 1.0], {"shared": dict(select="shared")}),
+    (576, 1536, 1, 16, [0.25, 1.0], {"shared": dict(select="shared")}),
+]
+CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "shared": SHARED_CASES}
 
 
 def load_prev(rev: str):
@@ -72,6 +84,10 @@ def load_prev(rev: str):
         return importlib.import_module(f"ppcompile.kernels.{PREV_MODULE}")
     finally:
         path.unlink()
+
+
+def _takes_stats(mod) -> bool:
+    return "stats" in inspect.signature(mod.sparse_ffn_triton).parameters
 
 
 def main():
@@ -97,11 +113,17 @@ def main():
                                                    copies, torch.Generator().manual_seed(3))
             t = tau_all if fraction == 1.0 else tau
             for label, mod, config in variants:
-                calls = [lambda w=w, r=r, mod=mod, config=config: mod.sparse_ffn_triton(
-                    x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s, config=config)
-                    for w, r in zip(weights.sets, routers)]
+                # the statistics buffer the op adds into, for kernels that take one (a fresh
+                # one per call would time a memset too)
+                stats = dict(stats=kb.new_stats()) if _takes_stats(mod) else {}
+                calls = [lambda w=w, r=r, mod=mod, config=config, stats=stats:
+                         mod.sparse_ffn_triton(x, w[1], None, w[0], None, w[2], None, *r, t,
+                                               "silu", s, config=config, **stats)
+                         for w, r in zip(weights.sets, routers)]
                 try:
                     us = kb.time_calls(calls)
+                    if stats:
+                        stats["stats"].zero_()
                     y, counts = calls[0]()
                     w, r = weights.sets[0], routers[0]
                     y_ref = sparse_ffn_reference(x, w[1], None, w[0], None, w[2], None, *r, t,

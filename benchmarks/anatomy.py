@@ -211,9 +211,11 @@ def run(out_dir: Path):
                 rw = torch.zeros(pb.n_exp, d, dtype=torch.bfloat16, device="cuda")
                 rb = (keep.float() * 40 - 20).to(torch.bfloat16)
                 routers.append((rw, rb))
+            stats = torch.zeros(2, dtype=torch.float64, device="cuda")
             record(case="product op (router + up)", **tag, us=time_calls(
-                [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu",
-                                     EXPERT_SIZE, "prunepath") for (w, _, _), r in zip(sets, routers)]))
+                [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, stats,
+                                     "silu", EXPERT_SIZE, "prunepath")
+                 for (w, _, _), r in zip(sets, routers)]))
             for programs in (n_sm, 2 * n_sm):
                 ws = workspace(d, programs, "cuda")
                 for select, stage, epi in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 2),

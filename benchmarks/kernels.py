@@ -155,6 +155,11 @@ def dense_ffn(x, w_gate, w_up, w_down):
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
+def new_stats():
+    """A statistics pair for the op to add its counts into."""
+    return torch.zeros(2, dtype=torch.float64, device="cuda")
+
+
 def copies_for(d, d_ff, l2_bytes):
     """Enough weight copies that the least data any timed call touches (12.5% of the weights
     plus the router), times K, is 2.5x the L2."""
@@ -199,7 +204,8 @@ def check_numerics(clock):
             x = rnd(n, d).to("cuda", dtype)
             for tau_value in (0.5, 0.9, 1.0):
                 tau = torch.tensor(tau_value, device="cuda")
-                y, counts = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
+                counts = new_stats()
+                y = op(x, *ffn.values(), tau, counts, "silu", EXPERT_SIZE, "prunepath")
                 y_ref, counts_ref = sparse_ffn_reference(x, **ffn, tau=tau, activation="silu",
                                                          expert_size=EXPERT_SIZE)
                 y_hi, _ = sparse_ffn_reference(x.double(), **ffn_hi, tau=tau, activation="silu",
@@ -224,20 +230,22 @@ def check_numerics(clock):
     for n in (1, 64):
         x = rnd(n, d).to("cuda", torch.bfloat16)
         tau = torch.tensor(0.8, device="cuda")
-        fn = torch.compile(lambda *a: op(*a, tau, "silu", EXPERT_SIZE, "prunepath"),
+        counts_c, counts_e = new_stats(), new_stats()
+        fn = torch.compile(lambda *a: op(*a, tau, counts_c, "silu", EXPERT_SIZE, "prunepath"),
                            fullgraph=True, dynamic=False)
-        y_c, counts_c = fn(x, *ffn.values())
-        y_e, counts_e = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
+        y_c = fn(x, *ffn.values())
+        y_e = op(x, *ffn.values(), tau, counts_e, "silu", EXPERT_SIZE, "prunepath")
         err = ((y_c.float() - y_e.float()).norm() / y_e.float().norm()).item()
         report(f"torch.compile n={n}", err < 1e-2 and torch.equal(counts_c, counts_e),
                f"rel diff to eager {err:.1e}")
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
+        counts_g, counts_e = new_stats(), new_stats()
         with torch.cuda.graph(graph):
-            y_g, counts_g = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
+            y_g = op(x, *ffn.values(), tau, counts_g, "silu", EXPERT_SIZE, "prunepath")
         tau.fill_(0.3)
         graph.replay()
-        y_e, counts_e = op(x, *ffn.values(), tau, "silu", EXPERT_SIZE, "prunepath")
+        y_e = op(x, *ffn.values(), tau, counts_e, "silu", EXPERT_SIZE, "prunepath")
         report(f"cuda graph, tau 0.8 -> 0.3, n={n}",
                torch.equal(counts_g, counts_e) and torch.allclose(y_g, y_e, atol=1e-2, rtol=1e-2),
                f"counts {counts_g.tolist()} vs eager {counts_e.tolist()}")
@@ -304,11 +312,14 @@ def bench_decode(clock, bw, l2_bytes, out_path):
                 x, routers, unions, kept = routed_inputs(d, weights.n_exp, batch, fraction,
                                                          copies, gen)
                 t = tau_all if fraction == 1.0 else tau
+                stats = new_stats()
                 calls = [lambda w=w, r=r, t=t: op(x, w[1], None, w[0], None, w[2], None, *r, t,
-                                                  "silu", EXPERT_SIZE, "prunepath")
+                                                  stats, "silu", EXPERT_SIZE, "prunepath")
                          for w, r in zip(weights.sets, routers)]
                 ours_us = time_calls(calls)
-                counts = calls[0]()[1].tolist()
+                stats.zero_()
+                calls[0]()
+                counts = stats.tolist()
                 union = statistics.mean(unions)
                 active_bytes = union * weights.bytes_per_copy()
                 rec = dict(
@@ -362,8 +373,9 @@ def profile_kernels(clock, l2_bytes):
         copies = min(8, copies_for(d, d_ff, l2_bytes))
         weights = Weights(d, d_ff, copies)
         x, routers, _, _ = routed_inputs(d, weights.n_exp, batch, 0.25, copies, gen)
-        calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu",
-                                     EXPERT_SIZE, "prunepath")
+        stats = new_stats()
+        calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, stats,
+                                     "silu", EXPERT_SIZE, "prunepath")
                  for w, r in zip(weights.sets, routers)]
         for c in calls:
             c()

@@ -353,6 +353,34 @@ def test_rewrite_replaces_each_ffn_by_one_sparse_node(family):
     assert rel_err(got, want) < 1e-5
 
 
+def test_lower_to_triton_folds_the_statistics_add_into_the_op(monkeypatch):
+    """On CUDA weights each sparse_ffn node and the stats.add_ after it become one triton_op node
+    that writes the statistics itself (here the weights are on the CPU: the pass is told they are
+    on a GPU; the numbers are checked on the GPU, tests/test_gpu.py)."""
+    from ppcompile.kernels import gpu_op
+
+    lowering = importlib.import_module("ppcompile.passes.lower_to_triton")
+    if not gpu_op.AVAILABLE:
+        pytest.skip("needs triton")
+    _, gm, ctx = setup("llama")
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers, rewrite):
+        gm = p(gm, ctx)
+    before = op_counts(gm)
+    monkeypatch.setattr(lowering, "on_gpu", lambda t: True)
+    gm = lowering.lower_to_triton(gm, ctx)
+    after = op_counts(gm)
+    n = 2
+    assert (before["sparse_ffn"], before["add_"]) == (n, n)
+    assert (after["sparse_ffn"], after["sparse_ffn_triton"], after["add_"]) == (0, n, 0)
+    assert after["getitem"] == before["getitem"] - 2 * n
+    assert after["placeholder"] == before["placeholder"]
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.ppcompile.sparse_ffn_triton.default:
+            stats = node.args[10]  # after tau, the statistics input the op now adds into
+            assert stats.op == "placeholder" and stats.name.endswith("_stats")
+            assert list(stats.users) == [node]
+
+
 def test_balanced_assign_respects_capacity_and_prefers_high_scores():
     score = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
     assert balanced_assign(score, 2).tolist() == [0, 0, 1, 1]

@@ -97,6 +97,11 @@ def tau_tensor(tau):
     return torch.tensor(tau, dtype=torch.float32, device=DEVICE)
 
 
+def zero_stats(ffn):
+    """A fresh statistics pair for the op to add into, on the FFN's device."""
+    return torch.zeros(2, dtype=torch.float64, device=ffn["x"].device)
+
+
 def mass_before(logits):
     """Per expert, the softmax mass of the experts ranked above it (as the reference ranks)."""
     p = logits.float().softmax(-1)
@@ -195,6 +200,10 @@ PLANS = [
     (1, dict(fuse_down=False, down_ks=3, down_block_d=16)),      # split-K down, column tiles
     (1, dict(select="sorted", sel_warps=8)),                     # one token, sorted selection
     (2, dict(select="pairwise", sel_e=4)),                       # pairwise selection, 2 tokens
+    (1, dict(select="shared")),                                  # shared by the up programs
+    (2, dict(select="shared", sel_e=1, up_programs=3)),          # ... more blocks than programs
+    (2, dict(select="shared", sel_e=4, up_programs=7)),          # ... idle selectors
+    (1, dict(select="shared", fuse_down=False, down_ks=3, down_block_d=16)),  # + down tickets
     (8, dict(select="pairwise", sel_e=2)),                       # ... a token tile of 8
     (2, dict(up_sub=2, up_programs=5)),                          # many small programs
     (3, dict(dot=False, select="fused")),                        # fused selection, 3 tokens
@@ -281,7 +290,8 @@ def test_ties_go_to_lower_index(n):
 
 
 @pytest.mark.parametrize("n, config", [(1, {"select": "fused"}), (1, {"select": "pairwise"}),
-                                       (8, {"select": "sorted"}), (8, {"select": "pairwise"})])
+                                       (2, {"select": "shared"}), (8, {"select": "sorted"}),
+                                       (8, {"select": "pairwise"})])
 @pytest.mark.parametrize("kind", ["peaked", "tied_groups", "wide"])
 @pytest.mark.parametrize("method", ["prunepath", "topk"])
 def test_selection_on_hard_logits(kind, method, n, config):
@@ -412,8 +422,9 @@ def test_out_of_range_shapes_fall_back_to_reference(monkeypatch, limit):
 def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     d, d_ff = shape
     p = triton_ffn.plan(n, d, d, d_ff, s, n_sm=132, kind=kind)
-    if n == 1 and kind != "prefill":  # one token: router + expert kernel, + selection past 512
-        assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "pairwise")
+    if n == 1 and kind != "prefill":  # one token: router + expert kernel, selecting in it
+        assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "shared")
+        assert p.select == "fused" or p.sel_e * p.up_programs >= d_ff // s  # one block each
     if n > 2:
         assert p.select == "sorted"
 
@@ -432,17 +443,21 @@ def test_gpu_op_registration():
 
     ours = torch.ops.ppcompile.sparse_ffn_triton.default._schema
     theirs = torch.ops.ppcompile.sparse_ffn.default._schema
+    args = [(a.name, str(a.type)) for a in theirs.arguments]
     assert [(a.name, str(a.type)) for a in ours.arguments] == \
-        [(a.name, str(a.type)) for a in theirs.arguments]
-    assert [str(r.type) for r in ours.returns] == [str(r.type) for r in theirs.returns]
-    assert not any(a.alias_info and a.alias_info.is_write for a in ours.arguments)
+        args[:10] + [("stats", "Tensor")] + args[10:]
+    assert [str(r.type) for r in ours.returns] == [str(theirs.returns[0].type)]  # y; counts added
+    assert [a.name for a in ours.arguments if a.alias_info and a.alias_info.is_write] == ["stats"]
 
     ffn = make_ffn(3, 32, 64, 16, gated=True, biases=True, seed=6)
-    y, counts = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), "silu", 16,
-                                                      "prunepath")
+    stats = torch.tensor([5.0, 1.0], dtype=torch.float64, device=ffn["x"].device)
+    for _ in range(2):
+        y = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), stats, "silu",
+                                                  16, "prunepath")
     y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(0.7), activation="silu",
                                              expert_size=16)
-    assert torch.allclose(y, y_ref, atol=1e-4) and torch.equal(counts.cpu(), counts_ref.cpu())
+    assert torch.allclose(y, y_ref, atol=1e-4)
+    assert stats.tolist() == [5.0 + 2 * counts_ref[0].item(), 1.0 + 2 * 3]  # added, twice
 
 
 @native_only
@@ -456,22 +471,23 @@ def test_torch_compile_sees_the_kernels(n, monkeypatch):
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=8)
     tau = tau_tensor(0.7)
 
-    def f(*args):
-        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, "silu", 16, "prunepath")
+    def f(*args, stats):
+        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, stats, "silu", 16, "prunepath")
 
-    eager = f(*ffn.values())
-    compiled = torch.compile(f, fullgraph=True)(*ffn.values())
-    assert torch.equal(compiled[1], eager[1])
-    assert torch.allclose(compiled[0].float(), eager[0].float(), atol=1e-2, rtol=1e-2)
+    eager_stats, compiled_stats = (zero_stats(ffn) for _ in range(2))
+    eager = f(*ffn.values(), stats=eager_stats)
+    compiled = torch.compile(f, fullgraph=True)(*ffn.values(), stats=compiled_stats)
+    assert torch.equal(compiled_stats, eager_stats) and eager_stats[1] == n
+    assert torch.allclose(compiled.float(), eager.float(), atol=1e-2, rtol=1e-2)
 
 
 @native_only
 @pytest.mark.parametrize("n", [1, 8, 16])  # past DENSE_ABOVE the op is the reference's torch ops
 def test_inductor_adds_no_kernels(n, monkeypatch):
-    """Inductor's mutation analysis must see that the kernels write only their own buffers:
-    otherwise it clones inputs (tau, weights) before every call, in kernels of its own. With the
-    residual add a decoder block puts after an FFN, Inductor adds exactly that add, into which
-    the fused path's cast and bias (torch ops on the op's fp32 accumulator) are fused."""
+    """Inductor's mutation analysis must see that the kernels write only their own buffers and
+    the statistics: otherwise it clones inputs (tau, weights) before every call, in kernels of
+    its own, or copies the statistics back after it. With the residual add a decoder block puts
+    after an FFN, Inductor adds exactly that add."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -483,16 +499,19 @@ def test_inductor_adds_no_kernels(n, monkeypatch):
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=12)
     tau = tau_tensor(0.7)
 
-    def f(x, *rest):
-        y, counts = torch.ops.ppcompile.sparse_ffn_triton(x, *rest, tau, "silu", 16, "prunepath")
-        return x + y, counts
+    stats = zero_stats(ffn)
 
-    (out, _), codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
+    def f(x, *rest):
+        y = torch.ops.ppcompile.sparse_ffn_triton(x, *rest, tau, stats, "silu", 16, "prunepath")
+        return x + y
+
+    out, codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
     code = "\n".join(codes)
-    assert "extern_kernels." not in code
+    assert "extern_kernels." not in code and ".copy_(" not in code
     own = set(re.findall(r"def (triton_(?:poi|per|red)_\w+)\(", code))
     assert len(own) == 1 and "add" in own.pop(), f"Inductor's kernels around the op: {own}"
-    y, _ = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau, "silu", 16, "prunepath")
+    assert stats[1] == n, "the statistics were not added in place"
+    y = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau, stats, "silu", 16, "prunepath")
     assert torch.allclose(out.float(), (ffn["x"] + y).float(), atol=1e-2, rtol=1e-2)
 
 
@@ -505,14 +524,17 @@ def test_cuda_graph_replay_follows_tau(n):
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=10)
     tau = tau_tensor(0.9)
     op = torch.ops.ppcompile.sparse_ffn_triton
-    op(*ffn.values(), tau, "silu", 16, "prunepath")  # compile outside the capture
+    stats, stats_eager = zero_stats(ffn), zero_stats(ffn)
+    op(*ffn.values(), tau, stats, "silu", 16, "prunepath")  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y, counts = op(*ffn.values(), tau, "silu", 16, "prunepath")
+        y = op(*ffn.values(), tau, stats, "silu", 16, "prunepath")
     for value in (0.9, 0.2, 1.0):
         tau.fill_(value)
+        stats.zero_()
+        stats_eager.zero_()
         graph.replay()
-        y_eager, counts_eager = op(*ffn.values(), tau, "silu", 16, "prunepath")
-        assert torch.equal(counts, counts_eager)
+        y_eager = op(*ffn.values(), tau, stats_eager, "silu", 16, "prunepath")
+        assert torch.equal(stats, stats_eager)
         assert torch.allclose(y.float(), y_eager.float(), atol=1e-2, rtol=1e-2)

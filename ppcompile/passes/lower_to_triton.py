@@ -1,17 +1,22 @@
 """Pass 10: on the GPU, lower each sparse-FFN node to the Triton kernels.
 
 Matches: `ppcompile.sparse_ffn` nodes whose weights are CUDA tensors, when triton is installed and
-the method runs on the kernels (all but "oracle", which must compute the dense FFN). Each becomes
-`ppcompile.sparse_ffn_triton` with the same arguments: a `triton_op`, so Inductor traces its
-kernel launches into the code it generates (CUDA-graph friendly, no opaque call).
-Guarantees: same numbers of sparse-FFN nodes before and after, same arguments, same outputs (to
-the kernels' rounding). gm.meta["ppcompile_relayout"] lists (input position, column_major) for
+the method runs on the kernels (all but "oracle", which must compute the dense FFN), with the
+`stats.add_(counts)` that rewrite puts after each. Each pair becomes one
+`ppcompile.sparse_ffn_triton` node on the same arguments plus stats: a `triton_op`, so Inductor
+traces its kernel launches into the code it generates (CUDA-graph friendly, no opaque call), and
+its kernels add the counts into stats with their own atomics (the separate add was one more
+kernel launch per FFN and decode step).
+Guarantees: as many sparse-FFN nodes before and after, the same arguments, the same output and
+statistics (to the kernels' rounding); the lowered FFNs' add_ nodes are gone. gm.meta["ppcompile_relayout"] lists (input position, column_major) for
 the weights whose memory layout is not the one the kernels stream fastest: rows of up and gate
 contiguous, columns of down contiguous (so one expert's down weights are one contiguous run).
 The pass cannot change them itself: dynamo guards on parameter strides, so the backend re-lays
 them out after a call (relayout_).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -24,10 +29,10 @@ def lower_to_triton(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     if not gpu_op.AVAILABLE or ctx.options.method == "oracle":
         return gm
     lowered = {ffn.down.weight for ffn in gm.meta["ppcompile_ffns"]
-               if ffn.state is not None and ctx.values[ffn.down.weight].is_cuda}
-    for node in gm.graph.nodes:
+               if ffn.state is not None and on_gpu(ctx.values[ffn.down.weight])}
+    for node in list(gm.graph.nodes):
         if node.target is torch.ops.ppcompile.sparse_ffn.default and _down_weight(node) in lowered:
-            node.target = torch.ops.ppcompile.sparse_ffn_triton.default
+            _lower(gm.graph, node)
     position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for ffn in gm.meta["ppcompile_ffns"]:
         if ffn.down.weight not in lowered:
@@ -40,6 +45,29 @@ def lower_to_triton(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                 gm.meta["ppcompile_relayout"].append((position[proj.weight], column_major))
     gm.recompile()
     return gm
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _lower(graph: fx.Graph, node: fx.Node):
+    """sparse_ffn -> (y, counts), stats.add_(counts)  =>  y = sparse_ffn_triton(..., stats, ...)"""
+    parts = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+    adds = list(parts[1].users) if 1 in parts else []
+    if len(parts) != len(node.users) or len(adds) != 1 or adds[0].target != "add_":
+        raise RuntimeError(f"lower_to_triton: {node.name} is not followed by one stats.add_ of its "
+                           "counts (rewrite's pattern); the graph was changed in between")
+    add = adds[0]
+    args = list(node.args)
+    with graph.inserting_before(node):
+        lowered = graph.call_function(torch.ops.ppcompile.sparse_ffn_triton.default,
+                                      (*args[:10], add.args[0], *args[10:]))
+    if 0 in parts:
+        parts[0].replace_all_uses_with(lowered)
+    for dead in (add, parts[1], parts.get(0), node):
+        if dead is not None:
+            graph.erase_node(dead)
 
 
 def _down_weight(node: fx.Node) -> fx.Node:
