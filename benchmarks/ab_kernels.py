@@ -1,7 +1,7 @@
 """A/B of the kernels against an earlier commit's, in one process on the same weights, timed as
 kernels.py times (CUDA graph over weight copies larger than L2, median per call):
 
-    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router|shared]
+    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router]
 
 The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
 beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
@@ -61,18 +61,7 @@ ROUTER_CASES = [
     (4096, 14336, 1, 8, [0.25], _ROUTER_KNOBS),
     (2048, 8192, 1, 16, [0.25], {k: v for k, v in _ROUTER_KNOBS.items() if "router" in k}),
 ]
-# the one- and two-token selection shared by the up programs through a grid barrier ("shared")
-# against its own kernel ("pairwise") and, up to 512 experts, a sort in every program ("fused")
-_PAIRWISE = {"pairwise kernel": dict(select="pairwise")}
-SHARED_CASES = [
-    (4096, 14336, 1, 16, [0.0, 0.25, 0.5, 1.0], {**_PAIRWISE, "shared sel_e 8": dict(sel_e=8)}),
-    (4096, 14336, 1, 8, [0.25, 1.0], _PAIRWISE),
-    (4096, 14336, 2, 16, [0.25, 1.0], _PAIRWISE),
-    (4096, 11008, 1, 16, [0.25, 0.5, 1.0], {**_PAIRWISE, "fused": dict(select="fused")}),
-    (2048, 8192, 1, 16, [0.25, 1.0], {"shared": dict(select="shared")}),
-    (576, 1536, 1, 16, [0.25, 1.0], {"shared": dict(select="shared")}),
-]
-CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "shared": SHARED_CASES}
+CASE_SETS = {"selection": CASES, "router": ROUTER_CASES}
 
 
 def load_prev(rev: str):

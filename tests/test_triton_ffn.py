@@ -200,10 +200,6 @@ PLANS = [
     (1, dict(fuse_down=False, down_ks=3, down_block_d=16)),      # split-K down, column tiles
     (1, dict(select="sorted", sel_warps=8)),                     # one token, sorted selection
     (2, dict(select="pairwise", sel_e=4)),                       # pairwise selection, 2 tokens
-    (1, dict(select="shared")),                                  # shared by the up programs
-    (2, dict(select="shared", sel_e=1, up_programs=3)),          # ... more blocks than programs
-    (2, dict(select="shared", sel_e=4, up_programs=7)),          # ... idle selectors
-    (1, dict(select="shared", fuse_down=False, down_ks=3, down_block_d=16)),  # + down tickets
     (8, dict(select="pairwise", sel_e=2)),                       # ... a token tile of 8
     (2, dict(up_sub=2, up_programs=5)),                          # many small programs
     (3, dict(dot=False, select="fused")),                        # fused selection, 3 tokens
@@ -290,8 +286,7 @@ def test_ties_go_to_lower_index(n):
 
 
 @pytest.mark.parametrize("n, config", [(1, {"select": "fused"}), (1, {"select": "pairwise"}),
-                                       (2, {"select": "shared"}), (8, {"select": "sorted"}),
-                                       (8, {"select": "pairwise"})])
+                                       (8, {"select": "sorted"}), (8, {"select": "pairwise"})])
 @pytest.mark.parametrize("kind", ["peaked", "tied_groups", "wide"])
 @pytest.mark.parametrize("method", ["prunepath", "topk"])
 def test_selection_on_hard_logits(kind, method, n, config):
@@ -422,9 +417,8 @@ def test_out_of_range_shapes_fall_back_to_reference(monkeypatch, limit):
 def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     d, d_ff = shape
     p = triton_ffn.plan(n, d, d, d_ff, s, n_sm=132, kind=kind)
-    if n == 1 and kind != "prefill":  # one token: router + expert kernel, selecting in it
-        assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "shared")
-        assert p.select == "fused" or p.sel_e * p.up_programs >= d_ff // s  # one block each
+    if n == 1 and kind != "prefill":  # one token: router + expert kernel, + selection past 512
+        assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "pairwise")
     if n > 2:
         assert p.select == "sorted"
 

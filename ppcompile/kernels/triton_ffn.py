@@ -45,10 +45,7 @@ from .reference import METHODS, sparse_ffn_reference
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
 TOPK_METHODS = ("topk", "static")  # both keep the round(tau * E) highest logits
-# where the experts are chosen (Plan.select): in every up program ("fused"), shared by the up
-# programs through a grid barrier ("shared"), or in a selection kernel ("sorted", "pairwise")
-SELECTIONS = ("fused", "shared", "sorted", "pairwise")
-UP_SELECT = {"fused": 0, "shared": 1}  # _up_kernel's SELECT (2: bits come from a kernel)
+SELECTIONS = ("fused", "sorted", "pairwise")  # where the experts are chosen (Plan.select)
 
 DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token tile)
 # Past this many tokens the op runs the torch reference (cuBLAS GEMMs, dropped experts masked):
@@ -59,9 +56,6 @@ DENSE_ABOVE = 16
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
 MAX_TILE_TOKENS = 64    # bits are int64
 MAX_OFFSET = 2 ** 31    # kernels index with int32: tokens x widths, and weights, stay below
-# The "shared" selection's grid barrier: how many polls of the arrival counter (each an L2 round
-# trip, under a microsecond) before a program stops waiting and selects every expert itself
-MAX_SPINS = tl.constexpr(512)
 
 
 def wrap_triton(kernel):
@@ -279,28 +273,31 @@ def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
 
 
 @triton.jit
-def _pairwise_keep(logits_ptr, tau, n, mine, N, E, TOPK: tl.constexpr, E_PAD: tl.constexpr,
-                   SPLIT: tl.constexpr):
-    """Kept mask of experts `mine` [SEL_E] of token n, without sorting: expert i is kept iff the
-    weight of the experts ranked above it is below the cut, "above" meaning a higher score, or
-    the same score and a lower index (the reference's stable descending sort). prunepath:
-    score = weight = softmax p, cut = tau (so "weight above" is the reference's mass_before);
-    topk/static: score = logit, weight = 1, cut = round(tau * E). tau >= 1 keeps every expert.
-    Each block of experts is decided on its own, so a token's selection spreads over many
-    programs instead of one program's E-wide sort (a sort's latency was the largest fixed cost:
-    GPU_RUNS.md)."""
+def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+                            TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_E: tl.constexpr,
+                            E_PAD: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (token n, block b) decides experts [b * SEL_E, (b + 1) * SEL_E) of token n without
+    sorting: expert i is kept iff the weight of the experts ranked above it is below the cut,
+    "above" meaning a higher score, or the same score and a lower index (the reference's stable
+    descending sort). prunepath: score = weight = softmax p, cut = tau (so "weight above" is the
+    reference's mass_before); topk/static: score = logit, weight = 1, cut = round(tau * E).
+    Every block is independent, so a token's selection spreads over E / SEL_E programs instead of
+    one program's E-wide sort (a sort's latency was the largest fixed cost: GPU_RUNS.md)."""
+    n = tl.program_id(0)
+    mine = tl.program_id(1) * SEL_E + tl.arange(0, SEL_E)
     mine_ok = mine < E
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    tau = tl.load(tau_ptr)
     if tau >= 1.0:  # every expert, under either rule
         keep = mine_ok
     else:
-        cols = tl.arange(0, E_PAD)
-        col_ok = cols < E
         logits = tl.zeros([E_PAD], tl.float32)
-        own = tl.zeros(mine.shape, tl.float32)
+        own = tl.zeros([SEL_E], tl.float32)
         for r in tl.static_range(SPLIT):  # the router's partial sums over slices of d
             row = logits_ptr + (r * N + n) * E
-            logits += tl.load(row + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-            own += tl.load(row + mine, mask=mine_ok, other=0.0, cache_modifier=".cg")
+            logits += tl.load(row + cols, mask=col_ok, other=0.0)
+            own += tl.load(row + mine, mask=mine_ok, other=0.0)
         if TOPK:
             score = tl.where(col_ok, logits, float("-inf"))
             own_score = own
@@ -321,41 +318,10 @@ def _pairwise_keep(logits_ptr, tau, n, mine, N, E, TOPK: tl.constexpr, E_PAD: tl
         above = above & col_ok[None, :] & (cols[None, :] != mine[:, None])
         weight_above = tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
         keep = mine_ok & (weight_above < cut)
-    return keep
-
-
-@triton.jit
-def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
-                            TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_E: tl.constexpr,
-                            E_PAD: tl.constexpr, SPLIT: tl.constexpr):
-    """Program (token n, block b) decides experts [b * SEL_E, (b + 1) * SEL_E) of token n
-    (_pairwise_keep) and ORs them into bits."""
-    n = tl.program_id(0)
-    mine = tl.program_id(1) * SEL_E + tl.arange(0, SEL_E)
-    keep = _pairwise_keep(logits_ptr, tl.load(tau_ptr), n, mine, N, E, TOPK, E_PAD, SPLIT)
     bit = tl.full([SEL_E], 1, tl.int64) << (n % TILE_M).to(tl.int64)
     tl.atomic_or(bits_ptr + (n // TILE_M) * E + mine, bit, mask=keep, sem="relaxed")
     n_kept = tl.sum(keep.to(tl.int32), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
-
-
-@triton.jit
-def _select_shared(logits_ptr, tau, bits_ptr, counts_ptr, first, step, N, E, S,
-                   TOPK: tl.constexpr, SEL_E: tl.constexpr, E_PAD: tl.constexpr,
-                   SPLIT: tl.constexpr, COUNT: tl.constexpr):
-    """Blocks first, first + step, ... of SEL_E experts: every token's pairwise decision
-    (_pairwise_keep) stored into bits (one tile of at most a few tokens: no atomics, each
-    block's bits have one writer) and, with COUNT, the kept neurons added to the counts."""
-    for b in range(first, tl.cdiv(E, SEL_E), step):
-        mine = b * SEL_E + tl.arange(0, SEL_E)
-        bits = tl.zeros([SEL_E], tl.int64)
-        for n in range(N):
-            keep = _pairwise_keep(logits_ptr, tau, n, mine, N, E, TOPK, E_PAD, SPLIT)
-            bits |= keep.to(tl.int64) << n
-            if COUNT:
-                tl.atomic_add(counts_ptr, tl.sum(keep.to(tl.int32), axis=0).to(tl.float64) * S,
-                              sem="relaxed")
-        tl.store(bits_ptr + mine, bits, mask=mine < E)
 
 
 @triton.jit
@@ -366,14 +332,14 @@ def _up_kernel(
     wd_ptr, stride_do, stride_df, bd_ptr,
     logits_ptr, tau_ptr, bits_ptr, counts_ptr,
     h_ptr, acc_ptr, counter_ptr, y_ptr, scr_e_ptr, scr_b_ptr,
-    N, D, DO, F, E, S, sync_at,
+    N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
-    TOPK: tl.constexpr, SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr,
+    TOPK: tl.constexpr, FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
-    R_SPLIT: tl.constexpr, SEL_E: tl.constexpr,
+    R_SPLIT: tl.constexpr,
 ):
     # K_STEPS = cdiv(D, BLOCK_K) as a constant: with one step the K loop disappears and all of a
     # block's weight loads (gate, up and, fused, down) are issued together
@@ -385,9 +351,9 @@ def _up_kernel(
     row_ok = rows < N
     eidx = tl.arange(0, E_PAD)
 
-    if SELECT == 0:
-        # "fused": one tile of at most a few tokens: every program selects by itself (identical
-        # results) instead of waiting for a selection kernel
+    if FUSED_SELECT:
+        # one tile of at most a few tokens: every program selects by itself (identical results)
+        # instead of waiting for a selection kernel
         valid = row_ok[:, None] & (eidx[None, :] < E)
         logits = tl.zeros([BLOCK_N, E_PAD], tl.float32)
         for r in tl.static_range(R_SPLIT):
@@ -400,31 +366,6 @@ def _up_kernel(
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
             n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
             tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
-    elif SELECT == 1:
-        # "shared": one tile of one or two tokens; the programs share the pairwise selection
-        # (a few experts each), meet at a grid barrier, then read the bits. The barrier's
-        # arrival counter (counter_ptr[sync_at], after the tickets) was zeroed by the router
-        tau = tl.load(tau_ptr)
-        _select_shared(logits_ptr, tau, bits_ptr, counts_ptr, p, P, N, E, S, TOPK, SEL_E, E_PAD,
-                       R_SPLIT, True)
-        if tau < 1.0:
-            sync = counter_ptr + sync_at
-            tl.debug_barrier()  # every thread's stores of bits before the arrival (release)
-            arrived = tl.atomic_add(sync, 1, sem="acq_rel") + 1
-            spins = 0
-            while (arrived < P) & (spins < MAX_SPINS):
-                arrived = tl.atomic_add(sync, 0, sem="acquire")
-                spins += 1
-            if arrived < P:
-                # not every program is running (fewer fit on the GPU than were launched, or
-                # the Triton interpreter runs them one by one): decide every expert here
-                # instead of waiting; the same bits, counted once by their owners
-                _select_shared(logits_ptr, tau, bits_ptr, counts_ptr, 0, 1, N, E, S, TOPK,
-                               SEL_E, E_PAD, R_SPLIT, False)
-                tl.debug_barrier()
-            bits = tl.load(bits_ptr + eidx, mask=eidx < E, other=0, cache_modifier=".cg")
-        else:  # every expert for every token: no need to wait for the others
-            bits = tl.where(eidx < E, (tl.full([E_PAD], 1, tl.int64) << N) - 1, 0)
     else:
         bits = tl.load(bits_ptr + m * E + eidx, mask=eidx < E, other=0)
 
@@ -662,25 +603,21 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         rsplit = (max(1, min(triton.cdiv(d, rbk), (2 * n_sm) // n_rblocks)) if router_dot
                   else 1)
         # selection (H200, runs 37-38, GPU_RUNS.md): one or two tokens select in every up
-        # program (a sort; no launch) up to 512 experts, past that by the pairwise test
-        # (4096x14336 at 25% active, as a kernel: 44.7 -> 41.5 us with 896 experts, 52.7 -> 44.7
-        # with 1792; 2048x8192 and 576x1536 stay fused: 22.6 vs 23.2, 11.4 vs 14.8), which the
-        # up programs now share through a grid barrier instead of a kernel of its own (a launch
-        # less). Its work grows with tokens x E^2, so more tokens sort, one program per token
-        # (batch 8, 4096x14336 at 25%: 100.1 vs 101.9 us with 896 experts, 127.1 vs 141.0)
+        # program (a sort; no launch) up to 512 experts, past that in the pairwise kernel
+        # (4096x14336 at 25% active: 44.7 -> 41.5 us with 896 experts, 52.7 -> 44.7 with 1792;
+        # 2048x8192 and 576x1536 stay fused: 22.6 vs 23.2, 11.4 vs 14.8). Its work grows with
+        # tokens x E^2, so more tokens sort, one program per token (batch 8, 4096x14336 at 25%:
+        # 100.1 vs 101.9 us with 896 experts, 127.1 vs 141.0 with 1792)
         if n_tokens > 2:
             select = "sorted"
         else:
-            select = "fused" if e_pad <= 512 else "shared"
-        if overrides.get("select", select) == "shared":
-            # a few experts per up program, as many as 8 warps hold comfortably ([sel_e, E])
-            sel_e = min(_pow2(triton.cdiv(n_exp, up_programs)), max(1, 16384 // e_pad))
+            select = "fused" if e_pad <= 512 else "pairwise"
         base = dict(
             tile_m=tile_m, select=select, fuse_down=fuse_down,
             up_dot=dot, down_dot=dot, router_dot=router_dot,
             router_block_e=rbe, router_block_k=rbk, router_warps=4, router_split=rsplit,
             # sorted: a 2048-wide sort on 16 warps (run 33), 8 on tensor-core plans (run 26);
-            # pairwise kernel: [sel_e, E] comparisons per program on 4 warps (run 37)
+            # pairwise: [sel_e, E] comparisons per program on 4 warps (run 37)
             sel_n=1, sel_e=sel_e,
             sel_warps=4 if select == "pairwise" else 16 if e_pad > 1024 else 8 if dot else 4,
             up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
@@ -731,8 +668,8 @@ def _check(p: Plan, n_tokens: int):
                          f"of sel_n={p.sel_n}")
     if p.select not in SELECTIONS:
         raise ValueError(f"plan: select={p.select!r}; allowed: {', '.join(SELECTIONS)}")
-    if p.select in ("fused", "shared") and n_tokens > p.tile_m:
-        raise ValueError(f"plan: select={p.select!r} needs all tokens in one tile")
+    if p.select == "fused" and n_tokens > p.tile_m:
+        raise ValueError("plan: select='fused' needs all tokens in one tile")
     if not p.fuse_down and not p.down_dot and p.tile_m > 8:
         # measured wrong on an H100 (Triton 3.6, run 15): the CUDA-core down kernel with 16+
         # token tiles, whatever its block sizes or warps; right with 8, and in the interpreter.
@@ -821,8 +758,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         return _empty((1,), dt, dev)
 
     need_acc = p.fuse_down or split_down
-    n_tickets = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
-    n_counters = n_tickets + (p.select == "shared")  # + the shared selection's barrier
+    n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
     logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
     bits = _empty((n_mtiles, n_exp), torch.int64, dev)
     y = _empty((n, d_out), dtype, dev)
@@ -841,7 +777,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
     r_grid = (triton.cdiv(n_exp, p.router_block_e) * p.router_split, triton.cdiv(n, r_block_n))
     r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
-    n_zero_bits = 0 if p.select in ("fused", "shared") else bits.numel()
+    n_zero_bits = 0 if p.select == "fused" else bits.numel()
     n_zero_acc = acc.numel() if need_acc else 0
     n_zero = max(n_zero_bits, n_zero_acc, n_counters, 1)
     zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
@@ -881,14 +817,14 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
         logits, tau, bits, counts,
         h, acc, counters, y, scr_e, scr_b,
-        n, d, d_out, d_ff, n_exp, s, n_tickets,
+        n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
-        TOPK=topk, SELECT=UP_SELECT.get(p.select, 2), FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
+        TOPK=topk, FUSED_SELECT=p.select == "fused", FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
-        E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit, R_SPLIT=p.router_split, SEL_E=p.sel_e,
+        E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit, R_SPLIT=p.router_split,
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
 
