@@ -1,7 +1,7 @@
 """A/B of the kernels against an earlier commit's, in one process on the same weights, timed as
 kernels.py times (CUDA graph over weight copies larger than L2, median per call):
 
-    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router]
+    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router|tau_one]
 
 The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
 beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
@@ -61,7 +61,12 @@ ROUTER_CASES = [
     (4096, 14336, 1, 8, [0.25], _ROUTER_KNOBS),
     (2048, 8192, 1, 16, [0.25], {k: v for k, v in _ROUTER_KNOBS.items() if "router" in k}),
 ]
-CASE_SETS = {"selection": CASES, "router": ROUTER_CASES}
+# the up kernel at tau >= 1 (every expert kept: no bits or expert-id loads) and below
+TAU_ONE_CASES = [
+    (4096, 14336, 1, 16, [0.25, 1.0], {}), (4096, 11008, 1, 16, [1.0], {}),
+    (2048, 8192, 1, 16, [1.0], {}), (576, 1536, 1, 16, [1.0], {}), (4096, 14336, 8, 16, [1.0], {}),
+]
+CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "tau_one": TAU_ONE_CASES}
 
 
 def load_prev(rev: str):

@@ -350,6 +350,11 @@ def _up_kernel(
     rows = m * BLOCK_N + tok
     row_ok = rows < N
     eidx = tl.arange(0, E_PAD)
+    # tau < 1: the work is the union's compact neurons, found through bits and scratch rows.
+    # tau >= 1 keeps every expert for every token, so compact neuron q is neuron q: the loads of
+    # bits and expert ids (a dependent L2 round trip before each step's weight loads) are
+    # skipped (masked off)
+    sparse = tl.load(tau_ptr) < 1.0
 
     if FUSED_SELECT:
         # one tile of at most a few tokens: every program selects by itself (identical results)
@@ -367,7 +372,9 @@ def _up_kernel(
             n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
             tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
     else:
-        bits = tl.load(bits_ptr + m * E + eidx, mask=eidx < E, other=0)
+        # (masks through tl.where: the interpreter cannot AND a mask with a loaded scalar)
+        bits = tl.load(bits_ptr + m * E + eidx, mask=tl.where(sparse, eidx < E, False), other=0)
+        bits = tl.where(sparse, bits, tl.where(eidx < E, -1, 0))  # -1: every token of the tile
 
     # this program's compact neurons [q_start, q_end), balanced to UNIT neurons
     active = bits != 0
@@ -381,6 +388,7 @@ def _up_kernel(
     rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
     staged = active & (rank >= r0) & (rank < r0 + MAXE)
     scr = (m * P + p) * MAXE - r0
+    staged = tl.where(sparse, staged, False)
     tl.store(scr_e_ptr + scr + rank, eidx, mask=staged)
     tl.store(scr_b_ptr + scr + rank, bits, mask=staged)
     tl.debug_barrier()
@@ -392,9 +400,10 @@ def _up_kernel(
     for q0 in range(q_start, q_end, SUB):
         q = q0 + tl.arange(0, SUB)
         q_ok = q < q_end
-        e = tl.load(scr_e_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
-        ebits = tl.load(scr_b_ptr + scr + q // S, mask=q_ok, other=0, cache_modifier=".cg")
-        nrn = e * S + q % S
+        staged_q = tl.where(sparse, q_ok, False)
+        e = tl.load(scr_e_ptr + scr + q // S, mask=staged_q, other=0, cache_modifier=".cg")
+        ebits = tl.load(scr_b_ptr + scr + q // S, mask=staged_q, other=-1, cache_modifier=".cg")
+        nrn = tl.where(sparse, e * S + q % S, q)
         if FUSE_DOWN:
             wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
                          mask=q_ok[:, None] & (oo < DO)[None, :], other=0.0)
