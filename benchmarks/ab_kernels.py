@@ -1,7 +1,7 @@
 """A/B of the kernels against an earlier commit's, in one process on the same weights, timed as
 kernels.py times (CUDA graph over weight copies larger than L2, median per call):
 
-    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router|tau_one]
+    python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases selection|router|defaults]
 
 The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
 beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
@@ -61,12 +61,14 @@ ROUTER_CASES = [
     (4096, 14336, 1, 8, [0.25], _ROUTER_KNOBS),
     (2048, 8192, 1, 16, [0.25], {k: v for k, v in _ROUTER_KNOBS.items() if "router" in k}),
 ]
-# the up kernel at tau >= 1 (every expert kept: no bits or expert-id loads) and below
-TAU_ONE_CASES = [
-    (4096, 14336, 1, 16, [0.25, 1.0], {}), (4096, 11008, 1, 16, [1.0], {}),
-    (2048, 8192, 1, 16, [1.0], {}), (576, 1536, 1, 16, [1.0], {}), (4096, 14336, 8, 16, [1.0], {}),
+# the default plans, previous kernels against current ones (runs 59-61: tau >= 1 in neuron space,
+# expert ids fetched a step ahead)
+DEFAULT_CASES = [
+    (4096, 14336, 1, 16, [0.25, 0.5, 1.0], {}), (4096, 14336, 1, 8, [0.25], {}),
+    (4096, 11008, 1, 16, [0.25, 0.5, 1.0], {}), (2048, 8192, 1, 16, [0.25, 1.0], {}),
+    (576, 1536, 1, 16, [0.25, 1.0], {}), (4096, 14336, 8, 16, [0.25, 1.0], {}),
 ]
-CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "tau_one": TAU_ONE_CASES}
+CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CASES}
 
 
 def load_prev(rev: str):
