@@ -397,22 +397,12 @@ def _up_kernel(
     if FUSE_DOWN:
         oo = tl.arange(0, DO_PAD)
         y_acc = tl.zeros([BLOCK_N, DO_PAD], tl.float32)
-    # each step's expert ids and token bits are fetched one step ahead, so their L2 round trip
-    # overlaps the previous step's weight loads instead of preceding the step's own
-    q = q_start + tl.arange(0, SUB)
-    staged_q = tl.where(sparse, q < q_end, False)
-    e_next = tl.load(scr_e_ptr + scr + q // S, mask=staged_q, other=0, cache_modifier=".cg")
-    bits_next = tl.load(scr_b_ptr + scr + q // S, mask=staged_q, other=-1, cache_modifier=".cg")
     for q0 in range(q_start, q_end, SUB):
         q = q0 + tl.arange(0, SUB)
         q_ok = q < q_end
-        e = e_next
-        ebits = bits_next
-        staged_q = tl.where(sparse, q + SUB < q_end, False)
-        e_next = tl.load(scr_e_ptr + scr + (q + SUB) // S, mask=staged_q, other=0,
-                         cache_modifier=".cg")
-        bits_next = tl.load(scr_b_ptr + scr + (q + SUB) // S, mask=staged_q, other=-1,
-                            cache_modifier=".cg")
+        staged_q = tl.where(sparse, q_ok, False)
+        e = tl.load(scr_e_ptr + scr + q // S, mask=staged_q, other=0, cache_modifier=".cg")
+        ebits = tl.load(scr_b_ptr + scr + q // S, mask=staged_q, other=-1, cache_modifier=".cg")
         nrn = tl.where(sparse, e * S + q % S, q)
         if FUSE_DOWN:
             wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
