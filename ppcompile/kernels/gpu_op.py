@@ -5,10 +5,10 @@ y and adds the counts into stats, the one input it writes (the kernels' atomics 
 directly; the CPU op returns them for the graph to add, because an op that mutates an input
 cannot have the autograd formula the CPU op has). It is a `torch.library.triton_op`, so
 Inductor traces its body and emits the kernel launches in its own generated code (no opaque
-call, CUDA-graph friendly). No fake
-implementation is registered: triton_op uses the body itself as one, which works because the
-body only allocates with torch.empty, picks its launch plan from shapes and dtypes, and launches
-kernels through wrap_triton (no data-dependent Python control flow; tau is never read on the host).
+call, CUDA-graph friendly). No fake implementation is registered: triton_op uses the body itself
+as one, which works because the body only allocates with torch.empty, picks its launch plan from
+shapes and dtypes, and launches kernels through wrap_triton (no data-dependent Python control
+flow; tau is never read on the host).
 
 Importing this module never fails: without triton the op is simply not registered (AVAILABLE).
 """

@@ -386,9 +386,8 @@ def _up_kernel(
     # barrier instead of a reduction over all experts per neuron block
     r0 = q_start // S
     rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
-    staged = active & (rank >= r0) & (rank < r0 + MAXE)
+    staged = tl.where(sparse, active & (rank >= r0) & (rank < r0 + MAXE), False)
     scr = (m * P + p) * MAXE - r0
-    staged = tl.where(sparse, staged, False)
     tl.store(scr_e_ptr + scr + rank, eidx, mask=staged)
     tl.store(scr_b_ptr + scr + rank, bits, mask=staged)
     tl.debug_barrier()

@@ -8,11 +8,12 @@ traces its kernel launches into the code it generates (CUDA-graph friendly, no o
 its kernels add the counts into stats with their own atomics (the separate add was one more
 kernel launch per FFN and decode step).
 Guarantees: as many sparse-FFN nodes before and after, the same arguments, the same output and
-statistics (to the kernels' rounding); the lowered FFNs' add_ nodes are gone. gm.meta["ppcompile_relayout"] lists (input position, column_major) for
-the weights whose memory layout is not the one the kernels stream fastest: rows of up and gate
-contiguous, columns of down contiguous (so one expert's down weights are one contiguous run).
-The pass cannot change them itself: dynamo guards on parameter strides, so the backend re-lays
-them out after a call (relayout_).
+statistics (to the kernels' rounding); the lowered FFNs' add_ nodes are gone.
+gm.meta["ppcompile_relayout"] lists (input position, column_major) for the weights whose memory
+layout is not the one the kernels stream fastest: rows of up and gate contiguous, columns of down
+contiguous (so one expert's down weights are one contiguous run). The pass cannot change them
+itself: dynamo guards on parameter strides, so the backend re-lays them out after a call
+(relayout_).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def lower_to_triton(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 
 def on_gpu(t: torch.Tensor) -> bool:
+    """Whether an FFN's weights are lowered (a function, so a CPU test can pretend)."""
     return t.is_cuda
 
 
