@@ -354,7 +354,8 @@ def _up_kernel(
     # tau >= 1 keeps every expert for every token, so compact neuron q is neuron q: the loads of
     # bits and expert ids (a dependent L2 round trip before each step's weight loads) are
     # skipped (masked off)
-    sparse = tl.load(tau_ptr) < 1.0
+    tau = tl.load(tau_ptr)
+    sparse = tau < 1.0
 
     if FUSED_SELECT:
         # one tile of at most a few tokens: every program selects by itself (identical results)
@@ -365,7 +366,7 @@ def _up_kernel(
             logits += tl.load(logits_ptr + (r * N + rows[:, None]) * E + eidx[None, :],
                               mask=valid, other=0.0)
         logits = tl.where(valid, logits, float("-inf"))
-        keep = _select(logits, valid, row_ok, tl.load(tau_ptr), E, TOPK)
+        keep = _select(logits, valid, row_ok, tau, E, TOPK)
         bits = _token_bits(keep, tok, BLOCK_N)
         if p == 0:
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
