@@ -201,9 +201,9 @@ def test_budget_check_gives_distillation_its_baseline():
         with torch.no_grad():
             dense = module.floating_outputs(gm(*module.fresh_inputs(batch)))
         assert len(kept[index]) == len(dense)
-        # calibrate ran its observed copy of the graph (recorders added): same ops, but the float
-        # rounding may differ in the last bit
-        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(kept[index], dense))
+        # kept in float16 (kept_outputs): 11 significant bits
+        assert all(a.dtype == torch.float16 and torch.allclose(a.float(), b, rtol=1e-3, atol=1e-4)
+                   for a, b in zip(kept[index], dense))
     width = module.LOGITS_WIDTH * max(f.d_model for f, _ in planned)
     loss = module.sparse_loss(module.sparse_copy(gm, planned), planned, verdict["taus"][0],
                               batches[0], kept[0], width)
@@ -257,6 +257,47 @@ def test_sliced_distillation_loss_matches_autograd(vocab, device, monkeypatch):
     expected = float((enc - target).square().sum() / target.square().sum())
     assert tr.distill_backward([enc], [target], 5, 1.0)[0] == pytest.approx(expected, rel=1e-6)
     assert enc.grad is not None
+
+
+def test_kept_dense_outputs_are_float16_only_where_that_holds_them():
+    calibrate_module = importlib.import_module("ppcompile.passes.calibrate")
+    small, large = torch.randn(3, 4) * 50, torch.randn(3, 4) * 1e5
+    kept = calibrate_module.kept_outputs({"a": small, "b": (large, torch.arange(3))})
+    assert [t.dtype for t in kept] == [torch.float16, torch.float32]  # integers dropped
+    assert torch.allclose(kept[0].float(), small, rtol=1e-3) and torch.equal(kept[1], large)
+    assert kept[1].data_ptr() != large.data_ptr()  # copies: the graph may reuse its outputs
+
+
+def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
+    """The plan passes' sparse runs use bfloat16 matrix products where the hardware has them
+    (CPUs with AMX, CUDA) and the weights are float32; the routers' selection stays float32, so
+    the kept experts are those of a float32 run."""
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    _, gm, ctx = planned_graph()
+    planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert tr.sparse_precision(planned).fast_dtype == torch.bfloat16
+    with tr.sparse_precision(planned):
+        assert torch.is_autocast_enabled("cpu")
+    half = [(f, dict(w, w_down=w["w_down"].bfloat16())) for f, w in planned]
+    with tr.sparse_precision(half):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with tr.sparse_precision(planned):
+        assert not torch.is_autocast_enabled("cpu")
+    # the selection inside a sparse FFN output under autocast is the float32 one
+    ffn, w = planned[0]
+    x = ffn.sample["x"][:64]
+    seen = []
+
+    def keep_mask(method, x2d, h, w_down, router_w, *rest):
+        seen.append((torch.is_autocast_enabled("cpu"), x2d.dtype, router_w.dtype))
+        return torch.ones(x2d.shape[0], ffn.d_ff // ffn.state.expert_size, dtype=torch.bool)
+    monkeypatch.setattr(tr, "keep_mask", keep_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tr._sparsifier(ffn.state, w["w_down"])(x.bfloat16(), torch.zeros(64, ffn.d_ff),
+                                                torch.zeros(64, ffn.d_model))
+    assert seen == [(False, torch.float32, torch.float32)]
 
 
 def test_distill_routers_off_changes_nothing():

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .calibrate import calibration_batches, floating_outputs
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
                             fresh_inputs, model_tau_for, sparse_copy, sparse_loss,
-                            with_ffn_outputs)
+                            sparse_precision, with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -117,7 +117,8 @@ def _distill(gm, ctx, planned):
                         if dense is None:
                             with torch.no_grad():
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
-                        got = floating_outputs(student(*fresh_inputs(batches[index])))
+                        with sparse_precision(planned):
+                            got = floating_outputs(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
                                                              1.0 / len(group), grad_buffer)
                         total += loss / len(group)
@@ -160,7 +161,8 @@ def _straight_through(i, routers, targets, w_down, state):
     def sparse_output(x, h, y):
         w, b = routers[i]
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        p = F.linear(x2.float(), w, b).softmax(-1)
+        with torch.autocast(x2.device.type, enabled=False):  # the router in float32
+            p = F.linear(x2.float(), w, b).softmax(-1)
         with torch.no_grad():
             ranked, order = p.sort(dim=-1, descending=True, stable=True)
             before = torch.empty_like(p).scatter_(-1, order, ranked.cumsum(-1) - ranked)
