@@ -63,11 +63,12 @@ class Setup:
     causal: bool = True
 
 
-# SmolLM2 calibrates on 40 windows: its router distillation trains on every calibration batch
-# but the held-out first, and 4 batches instead of 3 took the held-out ratio at 50% active from
-# 2.42 to 2.19 for 37 s more of plan time (router_ablation.md, section J)
+# SmolLM2 calibrates on 72 windows: its router distillation trains on every calibration batch
+# but the held-out first, and fresh batches are what still pays (router_ablation.md, J and K:
+# 2.42 -> 2.19 -> 2.11 at 50% active with 3 -> 4 -> 8 training batches); the plan passes' bf16
+# sparse runs (K) made 8 of them cost less plan time (145 s) than 4 did before (164 s)
 SETUPS = {
-    "smollm2-135m": Setup(seq_len=256, batch_size=8, eval_windows=32, calib_windows=40),
+    "smollm2-135m": Setup(seq_len=256, batch_size=8, eval_windows=32, calib_windows=72),
     "gemma3-270m": Setup(seq_len=256, batch_size=4, eval_windows=12, calib_windows=32),
     "minilm-l6": Setup(seq_len=128, batch_size=8, eval_windows=32, calib_windows=64, causal=False),
 }

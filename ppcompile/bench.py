@@ -21,6 +21,7 @@ so the ideal is compared with both.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import torch
@@ -57,11 +58,21 @@ def random_llama(name: str, dtype=torch.bfloat16, device="cuda", layers: int | N
 def _as_timed():
     """Warm graphs only: dynamo then checks just the guards that tell its graphs apart (prefill /
     decode), for dense and sparse alike (a decode step of a 1B model spent ~2.6 ms on the host
-    against ~1 ms of weight reads on an H100); the GPU is idle on entry and done on exit."""
-    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-        torch.cuda.synchronize()
-        yield
-        torch.cuda.synchronize()
+    against ~1 ms of weight reads on an H100); the GPU is idle on entry and done on exit. Python's
+    cyclic garbage collector runs before, not during (as timeit does): after Inductor compiles an
+    8B model's graphs the heap holds millions of objects, and a full collection's pause would be
+    charged to the one generate() it fell in."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            torch.cuda.synchronize()
+            yield
+            torch.cuda.synchronize()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Decoder:
