@@ -81,9 +81,9 @@ def kept_outputs(out) -> list:
     kept = []
     for t in tree_leaves(out):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            small = t.dtype != torch.float64 and bool(t.detach().abs().amax() < 2 ** 15) \
-                if t.numel() else True
-            kept.append(t.to(torch.float16 if small else torch.float32, copy=True))
+            fits = t.dtype != torch.float64 and (
+                t.numel() == 0 or bool(t.detach().abs().amax() < 2 ** 15))
+            kept.append(t.to(torch.float16 if fits else torch.float32, copy=True))
     return kept
 
 

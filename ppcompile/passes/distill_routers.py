@@ -14,6 +14,8 @@ together on what the model outputs:
 - loss: KL(dense || sparse) of the next-token distribution when an output looks like logits
   (last dimension >= 4 x the widest FFN input), else the relative squared error of all floating
   outputs (encoders);
+- the student's matrix products in bfloat16 where the device has them natively and the weights
+  are float32 (train_routers.sparse_precision; its routers in float32), the teacher float32;
 - Adam on the routers only, each router's lr DISTILL_LR / RMS of its FFN's input (so a step
   moves router logits alike whatever the input's scale), options.distill_epochs passes over the
   calibration batches but the first (the check batch, held out when there are others, so that
