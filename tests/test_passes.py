@@ -276,14 +276,16 @@ def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
     _, gm, ctx = planned_graph()
     planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert tr.sparse_precision(planned).fast_dtype == torch.bfloat16
-    with tr.sparse_precision(planned):
+    assert tr.sparse_precision(gm, planned).fast_dtype == torch.bfloat16
+    with tr.sparse_precision(gm, planned):
+        assert torch.is_autocast_enabled("cpu")
+    with tr.sparse_precision(tr.sparse_copy(gm, planned), planned):  # the passes' own functions
         assert torch.is_autocast_enabled("cpu")
     half = [(f, dict(w, w_down=w["w_down"].bfloat16())) for f, w in planned]
-    with tr.sparse_precision(half):
+    with tr.sparse_precision(gm, half):
         assert not torch.is_autocast_enabled("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    with tr.sparse_precision(planned):
+    with tr.sparse_precision(gm, planned):
         assert not torch.is_autocast_enabled("cpu")
     # the selection inside a sparse FFN output under autocast is the float32 one
     ffn, w = planned[0]
@@ -298,6 +300,29 @@ def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
         tr._sparsifier(ffn.state, w["w_down"])(x.bfloat16(), torch.zeros(64, ffn.d_ff),
                                                 torch.zeros(64, ffn.d_model))
     assert seen == [(False, torch.float32, torch.float32)]
+
+
+def test_graphs_that_write_in_place_plan_in_float32(monkeypatch):
+    """A static KV cache is written with index_copy_, which cannot take bfloat16 values into a
+    float32 cache: such graphs' plan passes run without autocast, and generate() compiles."""
+    from transformers import StaticCache
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    graph = torch.fx.Graph()
+    cache, x = graph.placeholder("cache"), graph.placeholder("x")
+    graph.output(graph.call_method("index_copy_", (cache, 0, graph.placeholder("i"), x)))
+    assert tr._writes_in_place(torch.fx.GraphModule(torch.nn.Module(), graph))
+    _, gm, ctx = planned_graph()
+    assert not tr._writes_in_place(gm)
+    model = tiny_model("llama")
+    reference = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
+    model.forward = torch.compile(model.forward, backend="prunepath", options={
+        "tau": 1.0, "calibration": CALIB, "expert_size": 8, "distill_epochs": 1})
+    with torch.no_grad():
+        out = model.generate(IDS[:1], past_key_values=StaticCache(config=model.config,
+                                                                   max_cache_len=32),
+                             max_new_tokens=4, do_sample=False, disable_compile=True)
+    assert torch.equal(out, reference)  # tau = 1: the dense model's tokens
 
 
 def test_distill_routers_off_changes_nothing():

@@ -119,7 +119,7 @@ def _distill(gm, ctx, planned):
                         if dense is None:
                             with torch.no_grad():
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
-                        with sparse_precision(planned):
+                        with sparse_precision(gm, planned):
                             got = floating_outputs(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
                                                              1.0 / len(group), grad_buffer)

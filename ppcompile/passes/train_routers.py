@@ -274,7 +274,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
         for kind, found in errors.items():
             for ffn, _ in planned:
                 ffn.state.tau.fill_(ffn.state.ffn_tau(tau) if kind == "budget" else tau)
-            with sparse_precision(planned):
+            with sparse_precision(gm, planned):
                 got = outputs(sparse)
             found.append(_relative_error(got, dense))
             if kind not in losses:  # the lower fraction's only
@@ -372,26 +372,42 @@ def sparse_loss(sparse, planned, tau, batch, dense, logits_width) -> float:
     at model-wide tau (each FFN at its own threshold for it; left there)."""
     for ffn, _ in planned:
         ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
-    with torch.no_grad(), sparse_precision(planned):
+    with torch.no_grad(), sparse_precision(sparse, planned):
         return distill_loss(floating_outputs(sparse(*fresh_inputs(batch))), dense, logits_width)
 
 
-def sparse_precision(planned):
+def sparse_precision(gm: fx.GraphModule, planned):
     """Autocast to bfloat16 for the sparse runs of the plan passes (budget and temperature
     checks, distillation) when the weights are float32 and the device multiplies bfloat16
     matrices natively (CUDA with bf16, CPUs with AMX): SmolLM2's forward pass over 2048 tokens
     took 2.0 s in float32 and 0.63 s so on this project's 2-core Sapphire Rapids machines, and
     the KL of those logits to the float32 ones is 0.0015, against check and training losses of
     0.1-0.9. The dense outputs they compare with stay float32 (calibrate), and the routers'
-    logits and selection are computed in float32 inside (_no_autocast)."""
+    logits and selection are computed in float32 inside (_no_autocast). Not for graphs that write
+    into tensors in place (a static KV cache's index_copy_): bfloat16 results cannot be written
+    into their float32 buffers that way."""
     weight = planned[0][1]["w_down"]
     device = weight.device
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:
         native = device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", bool)()
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=bool(native and weight.dtype == torch.float32))
+    enabled = native and weight.dtype == torch.float32 and not _writes_in_place(gm)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled))
+
+
+def _writes_in_place(gm: fx.GraphModule) -> bool:
+    """Whether the graph calls an in-place tensor operation (name ending in one underscore) other
+    than the functions the passes insert."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_method", "call_function"):
+            continue
+        target = node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        ours = str(getattr(target, "__module__", "") or "").startswith("ppcompile")
+        if name.endswith("_") and not name.endswith("__") and not ours:
+            return True
+    return False
 
 
 def _no_autocast(x):
