@@ -34,7 +34,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import Weights, copies_for, time_calls  # noqa: E402
+from benchmarks.kernels import Weights, copies_for, new_stats, time_calls  # noqa: E402
 from ppcompile.kernels.triton_ffn import _mac, _mac_nn, _select  # noqa: E402
 
 SHAPES = [(4096, 14336), (576, 1536)]
@@ -211,7 +211,7 @@ def run(out_dir: Path):
                 rw = torch.zeros(pb.n_exp, d, dtype=torch.bfloat16, device="cuda")
                 rb = (keep.float() * 40 - 20).to(torch.bfloat16)
                 routers.append((rw, rb))
-            stats = torch.zeros(2, dtype=torch.float64, device="cuda")
+            stats = new_stats()
             record(case="product op (router + up)", **tag, us=time_calls(
                 [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, stats,
                                      "silu", EXPERT_SIZE, "prunepath")

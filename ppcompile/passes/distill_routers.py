@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 from .calibrate import calibration_batches, floating_outputs
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
-                            fresh_inputs, model_tau_for, sparse_copy, sparse_loss,
-                            sparse_precision, with_ffn_outputs)
+                            fresh_inputs, model_tau_for, no_autocast, sparse_copy,
+                            sparse_loss, sparse_precision, with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -100,6 +100,7 @@ def _distill(gm, ctx, planned):
         tokens = data.shape[0] * data.shape[1] if data is not None and data.dim() >= 2 else 1
         per_update = max(1, math.ceil(TOKENS_PER_UPDATE * len(batches) / max(tokens, 1)))
         train = list(range(1, len(batches))) or [0]
+        precision = sparse_precision(gm, planned)
         frozen = [p for p in gm.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
@@ -119,7 +120,7 @@ def _distill(gm, ctx, planned):
                         if dense is None:
                             with torch.no_grad():
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
-                        with sparse_precision(gm, planned):
+                        with precision:
                             got = floating_outputs(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
                                                              1.0 / len(group), grad_buffer)
@@ -163,7 +164,7 @@ def _straight_through(i, routers, targets, w_down, state):
     def sparse_output(x, h, y):
         w, b = routers[i]
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        with torch.autocast(x2.device.type, enabled=False):  # the router in float32
+        with no_autocast(x2):
             p = F.linear(x2.float(), w, b).softmax(-1)
         with torch.no_grad():
             ranked, order = p.sort(dim=-1, descending=True, stable=True)

@@ -383,7 +383,7 @@ def sparse_precision(gm: fx.GraphModule, planned):
     took 2.0 s in float32 and 0.63 s so on this project's 2-core Sapphire Rapids machines, and
     the KL of those logits to the float32 ones is 0.0015, against check and training losses of
     0.1-0.9. The dense outputs they compare with stay float32 (calibrate), and the routers'
-    logits and selection are computed in float32 inside (_no_autocast). Not for graphs that write
+    logits and selection are computed in float32 inside (no_autocast). Not for graphs that write
     into tensors in place (a static KV cache's index_copy_): bfloat16 results cannot be written
     into their float32 buffers that way."""
     weight = planned[0][1]["w_down"]
@@ -410,7 +410,8 @@ def _writes_in_place(gm: fx.GraphModule) -> bool:
     return False
 
 
-def _no_autocast(x):
+def no_autocast(x):
+    """Float32 inside a sparse_precision run (the routers' logits and selection)."""
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -445,7 +446,7 @@ def with_ffn_outputs(gm: fx.GraphModule, planned, outputs) -> fx.GraphModule:
 def _sparsifier(state, w_down):
     def sparse_output(x, h, y):
         x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        with _no_autocast(x2):
+        with no_autocast(x2):
             keep = keep_mask("prunepath", x2.to(state.router_w.dtype), h2, w_down,
                              state.router_w, state.router_b, state.tau, state.expert_size)
         dropped = h2 * (~keep).repeat_interleave(state.expert_size, 1).to(h2.dtype)
