@@ -112,6 +112,8 @@ def main() -> int:
                         help="calibration windows per model (default: per model, see SETUPS)")
     parser.add_argument("--distill-epochs", type=int, default=None,
                         help="the backend's distill_epochs option (default: the backend's)")
+    parser.add_argument("--expert-size", type=int, default=None,
+                        help="the backend's expert_size option (default: the backend's)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="methods to measure; prunepath first (it makes the plan); fewer "
                              "for screening (comparisons with the others then read N/A)")
@@ -125,7 +127,8 @@ def main() -> int:
 
     start = time.perf_counter()
     results = dict(command=" ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-                   environment=environment(), models={}, records=[], matched=[])
+                   environment=environment(),
+                   expert_size=args.expert_size or DEFAULTS.expert_size, models={}, records=[], matched=[])
     for name in args.models:
         summary, records = run_model(name, args)
         matched = matched_rows(name, records, summary["metric"])
@@ -179,6 +182,8 @@ def run_model(name, args):
         options = {"tau": 1.0, "calibration": calib, "method": method, "cache": False}
         if args.distill_epochs is not None:
             options["distill_epochs"] = args.distill_epochs
+        if args.expert_size is not None:
+            options["expert_size"] = args.expert_size
         stderr = StderrLog(sys.stderr)
         sys.stderr = stderr
         passes, logger = PassTimes(), logging.getLogger("ppcompile")
@@ -322,8 +327,8 @@ def write_markdown(results) -> str:
            f"Environment: {results['environment']}. Whole run: {results['wall_seconds']} s.", "",
            f"Calibration text: `{CALIB_TEXT.relative_to(ROOT)}` (second half of the WikiText-2 "
            f"raw test split); evaluation text: `{EVAL_TEXT.relative_to(ROOT)}` (its first half, "
-           f"disjoint). Expert size {DEFAULTS.expert_size}, calibration tokens per FFN "
-           f"{DEFAULTS.calibration_tokens} (the defaults), float32, CPU. Active fraction: share "
+           f"disjoint). Expert size {results['expert_size']}, calibration tokens per FFN "
+           f"{DEFAULTS.calibration_tokens}, float32, CPU. Active fraction: share "
            "of FFN neurons "
            "computed, token-weighted, mean over FFNs (`ppcompile.report(...).active_fraction`). "
            "For prunepath/oracle tau is the probability-mass threshold, for topk/static the "

@@ -42,6 +42,9 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
         return sparse
     example = list(example_inputs) + sparse.extra_inputs(example_inputs)
     sparse.compiled = inner_compile(gm, example, opts.cudagraphs)
+    if sparse.dynamic:
+        # its shapes are symbolic only now, inside dynamo's compile: the dense twin cannot wait
+        sparse.dense_compiled = inner_compile(_copy(dense), list(example_inputs), opts.cudagraphs)
     return sparse
 
 
@@ -59,19 +62,35 @@ def inner_compile(gm: fx.GraphModule, example_inputs, cudagraphs=False):
 class SparseGraph:
     """The compiled graph plus, per call, the router/tau/stats inputs of the FFNs whose weights
     it is called with (looked up by weight identity, so a graph that dynamo reuses for another
-    layer uses that layer's plan; one never seen is planned on the spot from the call's inputs)."""
+    layer uses that layer's plan; one never seen is planned on the spot from the call's inputs).
+
+    While every FFN of the graph keeps every expert (model-wide tau >= 1, under any method), the
+    call goes to the dense graph instead, compiled by Inductor the first time it is needed: the
+    routers would select everything, so they, the selection and the kernels' bookkeeping are pure
+    cost there (a Llama-3-8B decode step at tau = 1 took 0.96x dense's GPU time on the kernels,
+    benchmarks/results/GPU_RUNS.md). The weights are the same tensors (permuted in place), so
+    the dense graph computes the dense FFN, to the rounding of a reordered sum. A graph with
+    symbolic shapes (dynamic=True, or dynamo's second prompt length) has its dense twin compiled
+    with it; a static one compiles it at its first use."""
 
     def __init__(self, layout, dense_gm, options, options_source):
         self.layout, self.dense_gm = layout, dense_gm
         self.options, self.options_source = options, options_source
         self.compiled, self.relayout = None, []
-        self._key, self._extras = None, None
+        self.dense_compiled = None
+        self.dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
+                           for n in dense_gm.graph.nodes if n.op == "placeholder")
+        self._key, self._extras, self._states = None, None, []
 
     def __call__(self, *args):
         key = tuple(id(args[up]) for up, _, _ in self.layout)
         if key != self._key or any(e is None for e in self._extras):
             self._extras = self.extra_inputs(args)
             self._key = key
+        if not self.relayout and all(state.keeps_all for state in self._states):
+            dense = self._dense(args)
+            if dense is not None:
+                return dense(*args)
         if self.relayout and all(is_column_major(args[position]) == column_major
                                  for position, column_major in self.relayout):
             # the weights have their layout, and dynamo calls this eager entry anyway: it skips
@@ -85,11 +104,21 @@ class SparseGraph:
             relayout_(args[position], column_major)
         return out
 
+    def _dense(self, args):
+        """The dense graph, compiled for these (static) shapes at its first use; None for a
+        dynamic graph that has none (compiled before its relayout): it runs sparse."""
+        if self.dense_compiled is None and not self.dynamic:
+            log.info("every FFN keeps every expert (tau >= 1): compiling the dense graph (once)")
+            self.dense_compiled = inner_compile(_copy(self.dense_gm), list(args),
+                                                self.options.cudagraphs)
+        return self.dense_compiled
+
     def extra_inputs(self, args) -> list:
         states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
         if any(s is None for s in states):
             self._plan_unseen(args)
             states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
+        self._states = states
         extras = []
         for (up, down, size), state in zip(self.layout, states):
             if state.expert_size != size:

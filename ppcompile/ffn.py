@@ -127,7 +127,15 @@ class SparseFFN:
     def num_experts(self) -> int:
         return self.d_ff // self.expert_size
 
+    @property
+    def keeps_all(self) -> bool:
+        """Every token keeps every expert (model-wide tau >= 1, whatever the method): the
+        backend then runs the dense graph, which counts nothing."""
+        return self._model_tau >= 1.0
+
     def active_fraction(self) -> float | None:
+        if self.keeps_all:
+            return 1.0
         active, tokens = self.stats.tolist()
         return None if tokens == 0 else active / (tokens * self.d_ff)
 
@@ -138,6 +146,7 @@ class SparseFFN:
         return min(1.0, max(0.0, _interpolate(self.tau_table, tau)))
 
     def set_tau(self, tau: float):
+        self._model_tau = tau  # read per call by the backend: no device round trip
         self.model_tau.fill_(tau)
         self.tau.fill_(self.ffn_tau(tau))
         if self._router_one is not None:

@@ -9,7 +9,7 @@ import torch
 import ppcompile
 import ppcompile.backend
 from conftest import logits_of, rel_err
-from ppcompile.ffn import REGISTRY
+from ppcompile.ffn import REGISTRY, SparseFFN
 from tiny_models import FAMILIES, tiny_model
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -26,12 +26,22 @@ def run(model, ids=IDS):
         return logits_of(model(ids))
 
 
+def sparse_graph_only(monkeypatch):
+    """Make the backend run its sparse graph at tau >= 1 too (it runs the dense graph there)."""
+    monkeypatch.setattr(SparseFFN, "keeps_all", property(lambda self: False))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_dense_at_tau_one_and_sparse_below(family):
+def test_family_dense_at_tau_one_and_sparse_below(family, monkeypatch):
     model = tiny_model(family)
     eager = run(model)
     compiled = compile_model(model)
     assert rel_err(run(compiled), eager) < 1e-4
+    with monkeypatch.context() as patch:  # the sparse graph keeps every expert at tau = 1 too
+        sparse_graph_only(patch)
+        assert rel_err(run(compiled), eager) < 1e-4
+        states = REGISTRY.states_of(list(model.parameters()))
+        assert all(s.stats[1] == IDS.numel() for s in states), "the sparse-FFN ops did not run"
     rows = ppcompile.report(compiled).rows
     assert len(rows) == 2 and all(r["active_fraction"] == 1.0 for r in rows)
     assert {r["kind"] for r in rows} == {FAMILIES[family][3]}
@@ -46,6 +56,25 @@ def test_family_dense_at_tau_one_and_sparse_below(family):
     assert rel_err(run(model), eager) < 1e-5
 
 
+def test_tau_one_runs_the_dense_graph():
+    """Every expert is kept at tau >= 1: the backend calls the dense graph (no sparse-FFN op runs,
+    so nothing is counted) and returns to the sparse graph below 1."""
+    model = tiny_model("llama")
+    eager = run(model)
+    compiled = compile_model(model)
+    states = REGISTRY.states_of(list(model.parameters()))
+    assert rel_err(run(compiled), eager) < 1e-4
+    assert all(s.stats[1] == 0 for s in states)
+    ppcompile.set_tau(compiled, 0.5)
+    sparse = run(compiled)
+    assert all(s.stats[1] == IDS.numel() for s in states)
+    assert rel_err(sparse, eager) > 1e-3
+    ppcompile.set_tau(compiled, 1.0)
+    assert rel_err(run(compiled), eager) < 1e-4
+    assert all(s.stats[1] == 0 for s in states)
+    assert ppcompile.report(compiled).active_fraction == 1.0
+
+
 def test_set_tau_and_new_lengths_do_not_recalibrate(monkeypatch):
     model = tiny_model("llama")
     compiled = compile_model(model)
@@ -56,12 +85,12 @@ def test_set_tau_and_new_lengths_do_not_recalibrate(monkeypatch):
     compiles = []
     inner = ppcompile.backend.inner_compile
     monkeypatch.setattr(ppcompile.backend, "inner_compile", lambda *a: compiles.append(1) or inner(*a))
-    run(compiled)
-    assert len(calls) == 1 and len(compiles) == 1
-    for tau in (0.9, 0.5, 0.7):
+    run(compiled)  # tau = 1: the sparse graph is compiled, and the dense one it runs instead
+    assert len(calls) == 1 and len(compiles) == 2
+    for tau in (0.9, 0.5, 0.7, 1.0, 0.6):
         ppcompile.set_tau(compiled, tau)
         run(compiled)
-    assert len(compiles) == 1, "set_tau must not recompile"
+    assert len(compiles) == 2, "set_tau must not recompile"
     # prefill then decode shapes: recompiles for shapes, never calibrates again
     for length in (1, 5, 9):
         ids = IDS[:1, :length]
@@ -164,10 +193,11 @@ def test_same_seed_same_plan():
     assert all(torch.equal(a, b) for a, b in zip(plans[0][2], plans[1][2]))
 
 
-def test_gradients_flow_through_the_sparse_ffn():
+def test_gradients_flow_through_the_sparse_ffn(monkeypatch):
     model = tiny_model("llama")
     compiled = compile_model(model)
     run(compiled)  # calibrate under no_grad first, as users do
+    sparse_graph_only(monkeypatch)
     ppcompile.set_tau(compiled, 1.0)
     out = logits_of(compiled(IDS)).square().mean()
     out.backward()

@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 import ppcompile
 from conftest import logits_of, rel_err
+from ppcompile.ffn import REGISTRY
 from ppcompile.passes.lower_to_triton import is_column_major
 from tiny_models import tiny_model
 
@@ -42,8 +43,12 @@ def test_lowered_to_triton_and_dense_at_tau_one(family):
     assert all(is_column_major(w) for w in downs), "w_down must be column-major after a call"
     from torch._inductor.utils import run_and_get_code
 
+    # recompiled for the new layout: the sparse graph, then (tau = 1) the dense one it runs
+    states = REGISTRY.states_of(list(model.parameters()))
+    counted = [float(s.stats[1]) for s in states]
     out, code = run_and_get_code(lambda: run(compiled, IDS))
     assert rel_err(out, eager) < 1e-4
+    assert [float(s.stats[1]) for s in states] == counted, "tau = 1 ran the sparse graph"
     source = "\n".join(code)
     assert "_up_kernel" in source and "_router_kernel" in source, "kernels not in Inductor's code"
     assert "sparse_ffn_triton.default(" not in source, "the op is called, not traced into kernels"
