@@ -127,8 +127,8 @@ def main() -> int:
 
     start = time.perf_counter()
     results = dict(command=" ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-                   environment=environment(),
-                   expert_size=args.expert_size or DEFAULTS.expert_size, models={}, records=[], matched=[])
+                   environment=environment(), expert_size=args.expert_size or DEFAULTS.expert_size,
+                   models={}, records=[], matched=[])
     for name in args.models:
         summary, records = run_model(name, args)
         matched = matched_rows(name, records, summary["metric"])

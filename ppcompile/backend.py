@@ -42,9 +42,8 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
         return sparse
     example = list(example_inputs) + sparse.extra_inputs(example_inputs)
     sparse.compiled = inner_compile(gm, example, opts.cudagraphs)
-    if sparse.dynamic:
-        # its shapes are symbolic only now, inside dynamo's compile: the dense twin cannot wait
-        sparse.dense_compiled = inner_compile(_copy(dense), list(example_inputs), opts.cudagraphs)
+    if sparse.dynamic:  # its shapes are symbolic only now, inside dynamo's compile
+        sparse.compile_dense(example_inputs)
     return sparse
 
 
@@ -109,9 +108,12 @@ class SparseGraph:
         dynamic graph that has none (compiled before its relayout): it runs sparse."""
         if self.dense_compiled is None and not self.dynamic:
             log.info("every FFN keeps every expert (tau >= 1): compiling the dense graph (once)")
-            self.dense_compiled = inner_compile(_copy(self.dense_gm), list(args),
-                                                self.options.cudagraphs)
+            self.compile_dense(args)
         return self.dense_compiled
+
+    def compile_dense(self, example_inputs):
+        self.dense_compiled = inner_compile(_copy(self.dense_gm), list(example_inputs),
+                                            self.options.cudagraphs)
 
     def extra_inputs(self, args) -> list:
         states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]

@@ -270,11 +270,12 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     errors = {"budget": [], "model_tau": []}
     losses = {}
     logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
+    precision = sparse_precision(gm, planned)  # decided once (it scans the graph)
     for tau in taus:
         for kind, found in errors.items():
             for ffn, _ in planned:
                 ffn.state.tau.fill_(ffn.state.ffn_tau(tau) if kind == "budget" else tau)
-            with sparse_precision(gm, planned):
+            with precision:
                 got = outputs(sparse)
             found.append(_relative_error(got, dense))
             if kind not in losses:  # the lower fraction's only
