@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,models,gpu]"
+	$(PY) -m pip install -q -e ".[test,models,gpu,bench]"
 
 demo: install
 	$(PY) -m ppcompile demo

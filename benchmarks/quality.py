@@ -17,6 +17,7 @@ Writes <out>/quality.json, quality.md (command, tables, target checks) and quali
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -121,6 +122,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.methods[0] != "prunepath":
         parser.error("--methods: prunepath must come first (its compile makes the plan)")
+    if importlib.util.find_spec("matplotlib") is None:  # the plot comes last: fail before the run
+        parser.error('the plot needs matplotlib: pip install -e ".[bench]"')
     torch.set_num_threads(2)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)

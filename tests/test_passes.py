@@ -270,12 +270,12 @@ def test_kept_dense_outputs_are_float16_only_where_that_holds_them():
 
 def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
     """The plan passes' sparse runs use bfloat16 matrix products where the hardware has them
-    (CPUs with AMX, CUDA) and the weights are float32; the routers' selection stays float32, so
-    the kept experts are those of a float32 run."""
+    (CPUs with AMX or AVX512-BF16, CUDA) and the weights are float32; the routers' selection
+    stays float32, so the kept experts are those of a float32 run."""
     tr = importlib.import_module("ppcompile.passes.train_routers")
     _, gm, ctx = planned_graph()
     planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(tr, "cpu_multiplies_bf16", lambda: True)
     assert tr.sparse_precision(gm, planned).fast_dtype == torch.bfloat16
     with tr.sparse_precision(gm, planned):
         assert torch.is_autocast_enabled("cpu")
@@ -284,7 +284,7 @@ def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
     half = [(f, dict(w, w_down=w["w_down"].bfloat16())) for f, w in planned]
     with tr.sparse_precision(gm, half):
         assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(tr, "cpu_multiplies_bf16", lambda: False)
     with tr.sparse_precision(gm, planned):
         assert not torch.is_autocast_enabled("cpu")
     # the selection inside a sparse FFN output under autocast is the float32 one
@@ -307,7 +307,7 @@ def test_graphs_that_write_in_place_plan_in_float32(monkeypatch):
     float32 cache: such graphs' plan passes run without autocast, and generate() compiles."""
     from transformers import StaticCache
     tr = importlib.import_module("ppcompile.passes.train_routers")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(tr, "cpu_multiplies_bf16", lambda: True)
     graph = torch.fx.Graph()
     cache, x = graph.placeholder("cache"), graph.placeholder("x")
     graph.output(graph.call_method("index_copy_", (cache, 0, graph.placeholder("i"), x)))
