@@ -2,6 +2,7 @@
 guarantees."""
 import importlib
 import math
+import operator
 from collections import Counter
 
 import pytest
@@ -312,6 +313,9 @@ def test_graphs_that_write_in_place_plan_in_float32(monkeypatch):
     cache, x = graph.placeholder("cache"), graph.placeholder("x")
     graph.output(graph.call_method("index_copy_", (cache, 0, graph.placeholder("i"), x)))
     assert tr._writes_in_place(torch.fx.GraphModule(torch.nn.Module(), graph))
+    pure = torch.fx.Graph()  # `&` of two masks is operator.and_: not a write
+    pure.output(pure.call_function(operator.and_, (pure.placeholder("a"), pure.placeholder("b"))))
+    assert not tr._writes_in_place(torch.fx.GraphModule(torch.nn.Module(), pure))
     _, gm, ctx = planned_graph()
     assert not tr._writes_in_place(gm)
     model = tiny_model("llama")

@@ -409,14 +409,17 @@ def cpu_multiplies_bf16() -> bool:
 
 def _writes_in_place(gm: fx.GraphModule) -> bool:
     """Whether the graph calls an in-place tensor operation (name ending in one underscore) other
-    than the functions the passes insert."""
+    than the functions the passes insert. Python's `operator.and_` / `or_` / `not_` are `&`, `|`
+    and `not`, not in-place (those are `iand`, ...): transformers' masks put `&` in the graphs of
+    every model quality.py compiles, and taking it for a write had turned the bfloat16 runs off."""
     for node in gm.graph.nodes:
         if node.op not in ("call_method", "call_function"):
             continue
         target = node.target
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        ours = str(getattr(target, "__module__", "") or "").startswith("ppcompile")
-        if name.endswith("_") and not name.endswith("__") and not ours:
+        module = str(getattr(target, "__module__", "") or "")
+        exempt = module.startswith("ppcompile") or module in ("operator", "_operator")
+        if name.endswith("_") and not name.endswith("__") and not exempt:
             return True
     return False
 
