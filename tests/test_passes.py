@@ -11,6 +11,7 @@ import torch
 from conftest import capture, logits_of, rel_err
 from ppcompile.ffn import REGISTRY
 from ppcompile.graph import graph_tensors
+from ppcompile.kernels.reference import ffn_hidden, sparse_ffn_reference
 from ppcompile.options import Options
 from ppcompile.passes import (Context, attach_plans, build_experts, calibrate,
                               choose_temperature, distill_routers, find_ffns, rewrite,
@@ -144,6 +145,38 @@ def planned_graph(**options):
     for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers):
         gm = p(gm, ctx)
     return model, gm, ctx
+
+
+def test_sparse_copy_computes_only_the_kept_neurons_down_projection():
+    """The plan passes' sparse runs replace each planned FFN's down projection by the product of
+    the kept neurons only (no dense product to subtract from); at tau = 1 that is the dense
+    model, below it the sparse-FFN reference."""
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    _, gm, ctx = planned_graph()
+    planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
+    sparse = tr.sparse_copy(gm, planned)
+    before, after = op_counts(gm), op_counts(sparse)
+    assert after["linear"] == before["linear"] - len(planned)
+    assert sum(n for name, n in after.items() if name.startswith("sparse_")) == len(planned)
+    batch = tr.fresh_inputs(tr.calibration_batches(gm, ctx)[0])
+    with torch.no_grad():
+        dense = gm(*batch)
+        for ffn, _ in planned:
+            ffn.state.tau.fill_(1.0)
+        outputs = tr.floating_outputs
+        assert all(torch.allclose(a, b, atol=1e-5)
+                   for a, b in zip(outputs(sparse(*batch)), outputs(dense), strict=True))
+        ffn, w = planned[0]  # one FFN below tau = 1: its output is the reference op's
+        ffn.state.tau.fill_(0.5)
+        x = ffn.sample["x"][:64].float()
+        h = ffn_hidden(x, w["w_up"], w["b_up"], w["w_gate"], w["b_gate"], ffn.state.activation)
+        y = tr._sparsifier(ffn.state, w)(x, h)
+        want, counts = sparse_ffn_reference(
+            x, w["w_up"], w["b_up"], w["w_gate"], w["b_gate"], w["w_down"], w["b_down"],
+            ffn.state.router_w, ffn.state.router_b, ffn.state.tau, ffn.state.activation,
+            ffn.state.expert_size, "prunepath")
+        assert 0 < counts[0] < x.shape[0] * ffn.d_ff  # some experts dropped, not all
+        assert torch.allclose(y, want, atol=1e-5)
 
 
 def test_distill_routers_trains_only_routers_and_keeps_them_only_if_they_help():
@@ -298,8 +331,7 @@ def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
         return torch.ones(x2d.shape[0], ffn.d_ff // ffn.state.expert_size, dtype=torch.bool)
     monkeypatch.setattr(tr, "keep_mask", keep_mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        tr._sparsifier(ffn.state, w["w_down"])(x.bfloat16(), torch.zeros(64, ffn.d_ff),
-                                                torch.zeros(64, ffn.d_model))
+        tr._sparsifier(ffn.state, w)(x.bfloat16(), torch.zeros(64, ffn.d_ff))
     assert seen == [(False, torch.float32, torch.float32)]
 
 

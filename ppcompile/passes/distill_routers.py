@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .calibrate import calibration_batches, floating_outputs
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
-                            fresh_inputs, model_tau_for, no_autocast, sparse_copy,
+                            fresh_inputs, kept_down, model_tau_for, no_autocast, sparse_copy,
                             sparse_loss, sparse_precision, with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
@@ -87,7 +87,7 @@ def _distill(gm, ctx, planned):
         targets = [1.0] * len(planned)
         # FFN i sparse under routers[i], keeping the share targets[i] of its experts
         student = with_ffn_outputs(gm, planned, [
-            _straight_through(i, routers, targets, w["w_down"], ffn.state)
+            _straight_through(i, routers, targets, w, ffn.state)
             for i, (ffn, w) in enumerate(planned)])
         # Adam moves every weight by about lr per step, which moves a router's logits in
         # proportion to its input's scale: scale-free steps (Gemma-3's FFN inputs are ~5x
@@ -158,12 +158,10 @@ def _distill(gm, ctx, planned):
                                         losses=losses)
 
 
-def _straight_through(i, routers, targets, w_down, state):
-    size = state.expert_size
-
-    def sparse_output(x, h, y):
+def _straight_through(i, routers, targets, weights, state):
+    def sparse_output(x, h):
         w, b = routers[i]
-        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
         with no_autocast(x2):
             p = F.linear(x2.float(), w, b).softmax(-1)
         with torch.no_grad():
@@ -171,9 +169,7 @@ def _straight_through(i, routers, targets, w_down, state):
             before = torch.empty_like(p).scatter_(-1, order, ranked.cumsum(-1) - ranked)
             k = max(1, min(before.numel(), math.ceil(targets[i] * before.numel())))
             keep = (before <= before.flatten().kthvalue(k).values).float()
-        dropped = 1.0 - (keep + p - p.detach())
-        delta = F.linear(h2 * dropped.repeat_interleave(size, 1).to(h2.dtype), w_down)
-        return y - delta.reshape(y.shape).to(y.dtype)
+        return kept_down(h, keep + p - p.detach(), state.expert_size, weights)
     sparse_output.__name__ = f"distill_{state.name.replace('.', '_')}"[:60]
     return sparse_output
 
