@@ -410,8 +410,8 @@ def cpu_multiplies_bf16() -> bool:
 def _writes_in_place(gm: fx.GraphModule) -> bool:
     """Whether the graph calls an in-place tensor operation (name ending in one underscore) other
     than the functions the passes insert. Python's `operator.and_` / `or_` / `not_` are `&`, `|`
-    and `not`, not in-place (those are `iand`, ...): transformers' masks put `&` in the graphs of
-    every model quality.py compiles, and taking it for a write had turned the bfloat16 runs off."""
+    and `not`, not in-place (those are `iand`, ...): transformers' causal masks put `&` in the
+    graphs (SmolLM2, Gemma-3), and taking it for a write had turned the bfloat16 runs off."""
     for node in gm.graph.nodes:
         if node.op not in ("call_method", "call_function"):
             continue
