@@ -75,6 +75,9 @@ def main():
     ap.add_argument("--expert-size", type=int, default=16)
     ap.add_argument("--reset-cudagraphs", action="store_true",
                     help="also drop Inductor's CUDA-graph trees between the compiles")
+    ap.add_argument("--dense-twice", action="store_true",
+                    help="compile and measure dense twice before prunepath (is a second compile "
+                         "in the same process slower by itself?)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     bench.configure_dynamo()
@@ -99,6 +102,10 @@ def main():
     model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     rows.append(measure(decoder, prompt, "dense", log))
     reset()
+    if args.dense_twice:
+        model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+        rows.append(measure(decoder, prompt, "dense, second compile", log))
+        reset()
     calibration = torch.randint(0, model.config.vocab_size, (16, 128), device="cuda")
     model.forward = torch.compile(forward, backend="prunepath", options=dict(
         tau=1.0, calibration=calibration, expert_size=args.expert_size, calibration_tokens=2048,
@@ -113,7 +120,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step_gaps.json").write_text(json.dumps(dict(
         gpu=torch.cuda.get_device_name(), model=args.model, batch=args.batch, steps=STEPS,
-        reset_cudagraphs=args.reset_cudagraphs,
+        reset_cudagraphs=args.reset_cudagraphs, dense_twice=args.dense_twice,
         rows=rows), indent=1))
 
 
