@@ -454,9 +454,22 @@ def with_ffn_outputs(gm: fx.GraphModule, planned, outputs) -> fx.GraphModule:
         with graph.inserting_after(y):
             node = graph.call_function(output, (env[ffn.x], env[ffn.down.x]))
         y.replace_all_uses_with(node)
-        graph.erase_node(y)
-    graph.eliminate_dead_code()
+        _erase_with_unused_inputs(graph, y)
     return fx.GraphModule(gm, graph)
+
+
+def _erase_with_unused_inputs(graph: fx.Graph, node: fx.Node):
+    """Erase node and, recursively, the computations that only fed it. Not the graph's general
+    dead-code elimination: FX counts every call_method as pure, and would drop the unused results
+    of in-place writes such as a static KV cache's index_copy_."""
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for source in inputs:
+        name = source.target if isinstance(source.target, str) else getattr(
+            source.target, "__name__", "")
+        if (not source.users and source.op in ("call_function", "call_method")
+                and not name.endswith("_")):
+            _erase_with_unused_inputs(graph, source)
 
 
 def kept_down(h, keep, expert_size, w):
