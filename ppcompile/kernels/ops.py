@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import ffn_hidden, keep_mask, sparse_ffn_reference
+from .reference import ffn_hidden, keep_mask, kept_down, sparse_ffn_reference
 
 
 @torch.library.custom_op("ppcompile::sparse_ffn", mutates_args=())
@@ -44,7 +44,6 @@ def _backward(ctx, grad_y, _grad_counts):
     with torch.no_grad():
         h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, ctx.activation)
         keep = keep_mask(ctx.method, x2d, h, w_down, router_w, router_b, tau, ctx.expert_size)
-    mask = keep.repeat_interleave(ctx.expert_size, dim=1)
     inputs = (x, w_up, b_up, w_gate, b_gate, w_down, b_down)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
@@ -52,7 +51,7 @@ def _backward(ctx, grad_y, _grad_counts):
     with torch.enable_grad():
         lx, lw_up, lb_up, lw_gate, lb_gate, lw_down, lb_down = leaves
         h = ffn_hidden(lx.reshape(-1, d), lw_up, lb_up, lw_gate, lb_gate, ctx.activation)
-        y = torch.nn.functional.linear(h * mask.to(h.dtype), lw_down, lb_down)
+        y = kept_down(h, keep, ctx.expert_size, lw_down, lb_down)
         grads = torch.autograd.grad(y, [leaves[i] for i in wanted], grad_y.reshape(y.shape))
     out = [None] * len(inputs)
     for i, g in zip(wanted, grads):

@@ -94,6 +94,14 @@ def keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size):
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
+def kept_down(h, keep, expert_size, w_down, b_down):
+    """The down projection of h [..., d_ff] counting only the neurons of the experts in keep
+    [n, E] (bool, or float: a straight-through mask passes its gradient)."""
+    h2d = h.reshape(-1, h.shape[-1])
+    kept = h2d * keep.repeat_interleave(expert_size, dim=1).to(h2d.dtype)
+    return F.linear(kept, w_down, b_down).reshape(*h.shape[:-1], -1)
+
+
 def sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
                          tau, activation: str, expert_size: int, method: str = "prunepath"):
     """Returns (y [..., d], counts float64 [2] = (active neurons summed over tokens, tokens))."""
@@ -101,8 +109,7 @@ def sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w
     x2d = x.reshape(-1, d)
     h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, activation)
     keep = keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size)
-    h = h * keep.repeat_interleave(expert_size, dim=1).to(h.dtype)
-    y = F.linear(h, w_down, b_down)
+    y = kept_down(h, keep, expert_size, w_down, b_down)
     # new_full, not torch.tensor: no host-to-device copy (the op runs inside CUDA graphs)
     counts = torch.stack([keep.sum().double() * expert_size,
                           keep.new_full((), x2d.shape[0], dtype=torch.float64)])

@@ -47,9 +47,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..kernels.reference import kept_down
 from .calibrate import calibration_batches, floating_outputs
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
-                            fresh_inputs, kept_down, model_tau_for, no_autocast, sparse_copy,
+                            fresh_inputs, model_tau_for, no_autocast, sparse_copy,
                             sparse_loss, sparse_precision, with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
@@ -169,7 +170,8 @@ def _straight_through(i, routers, targets, weights, state):
             before = torch.empty_like(p).scatter_(-1, order, ranked.cumsum(-1) - ranked)
             k = max(1, min(before.numel(), math.ceil(targets[i] * before.numel())))
             keep = (before <= before.flatten().kthvalue(k).values).float()
-        return kept_down(h, keep + p - p.detach(), state.expert_size, weights)
+        return kept_down(h, keep + p - p.detach(), state.expert_size, weights["w_down"],
+                         weights["b_down"])
     sparse_output.__name__ = f"distill_{state.name.replace('.', '_')}"[:60]
     return sparse_output
 

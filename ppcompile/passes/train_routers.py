@@ -42,7 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..ffn import REGISTRY, SparseFFN
-from ..kernels.reference import expert_importance, keep_mask
+from ..kernels.reference import expert_importance, keep_mask, kept_down
 from ..plan import neuron_signature
 from .calibrate import calibration_batches, floating_outputs, input_restorer
 
@@ -408,20 +408,26 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def _writes_in_place(gm: fx.GraphModule) -> bool:
-    """Whether the graph calls an in-place tensor operation (name ending in one underscore) other
-    than the functions the passes insert. Python's `operator.and_` / `or_` / `not_` are `&`, `|`
-    and `not`, not in-place (those are `iand`, ...): transformers' causal masks put `&` in the
-    graphs (SmolLM2, Gemma-3), and taking it for a write had turned the bfloat16 runs off."""
-    for node in gm.graph.nodes:
-        if node.op not in ("call_method", "call_function"):
-            continue
-        target = node.target
-        name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        module = str(getattr(target, "__module__", "") or "")
-        exempt = module.startswith("ppcompile") or module in ("operator", "_operator")
-        if name.endswith("_") and not name.endswith("__") and not exempt:
-            return True
-    return False
+    """Whether the graph calls an in-place tensor operation other than the functions the passes
+    insert."""
+    return any(_in_place(node) and not _module(node.target).startswith("ppcompile")
+               for node in gm.graph.nodes)
+
+
+def _in_place(node: fx.Node) -> bool:
+    """A call of an in-place tensor operation: its name ends in one underscore, and it is not
+    one of Python's operator functions (`and_` is `&`, which transformers' causal masks put in
+    SmolLM2's and Gemma-3's graphs; taking it for a write had turned the bfloat16 runs off)."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")
+            and _module(target) not in ("operator", "_operator"))
+
+
+def _module(target) -> str:
+    return str(getattr(target, "__module__", "") or "")
 
 
 def no_autocast(x):
@@ -465,19 +471,9 @@ def _erase_with_unused_inputs(graph: fx.Graph, node: fx.Node):
     inputs = node.all_input_nodes
     graph.erase_node(node)
     for source in inputs:
-        name = source.target if isinstance(source.target, str) else getattr(
-            source.target, "__name__", "")
         if (not source.users and source.op in ("call_function", "call_method")
-                and not name.endswith("_")):
+                and not _in_place(source)):
             _erase_with_unused_inputs(graph, source)
-
-
-def kept_down(h, keep, expert_size, w):
-    """The FFN's down projection of h [..., d_ff] with only the neurons of the experts in keep
-    [n, E] (float: 1 kept, 0 dropped, or a straight-through mask) counted."""
-    h2 = h.reshape(-1, h.shape[-1])
-    kept = h2 * keep.repeat_interleave(expert_size, 1).to(h2.dtype)
-    return F.linear(kept, w["w_down"], w["b_down"]).reshape(*h.shape[:-1], -1)
 
 
 def _sparsifier(state, w):
@@ -486,6 +482,6 @@ def _sparsifier(state, w):
         with no_autocast(x2):
             keep = keep_mask("prunepath", x2.to(state.router_w.dtype), h2, w["w_down"],
                              state.router_w, state.router_b, state.tau, state.expert_size)
-        return kept_down(h, keep, state.expert_size, w)
+        return kept_down(h, keep, state.expert_size, w["w_down"], w["b_down"])
     sparse_output.__name__ = f"sparse_{state.name.replace('.', '_')}"[:60]
     return sparse_output
