@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ppcompile  # noqa: E402
 from ppcompile import bench  # noqa: E402
 
 STEPS = 32
@@ -29,13 +28,8 @@ STEPS = 32
 def gpu_activity(decoder, prompt, new_tokens):
     """(kernels, summed kernel us, idle us inside the busy span, memcpy/memset count) of one
     generate() of new_tokens tokens."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decoder.generate(prompt, new_tokens)
-        torch.cuda.synchronize()
     spans, copies = [], 0
-    for e in prof.events():
+    for e in decoder.profiled(prompt, new_tokens).events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         if "memcpy" in e.name.lower() or "memset" in e.name.lower():

@@ -165,16 +165,20 @@ class Decoder:
             return None
         return step_us / 1e3 if step_us > 0 else None
 
-    def step_kernels(self, prompt, steps: int = 32) -> dict:
-        """{kernel name: [calls, microseconds]} per decode step, as gpu_step_ms measures it."""
+    def profiled(self, prompt, new_tokens):
+        """torch.profiler's record (CUDA activity) of one generate() of new_tokens tokens."""
         from torch.profiler import ProfilerActivity, profile
 
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.generate(prompt, new_tokens)
+            torch.cuda.synchronize()
+        return prof
+
+    def step_kernels(self, prompt, steps: int = 32) -> dict:
+        """{kernel name: [calls, microseconds]} per decode step, as gpu_step_ms measures it."""
         def per_name(new_tokens):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                self.generate(prompt, new_tokens)
-                torch.cuda.synchronize()
             return {e.key: (e.count, getattr(e, "self_device_time_total", 0.0))
-                    for e in prof.key_averages()}
+                    for e in self.profiled(prompt, new_tokens).key_averages()}
 
         long, short = per_name(1 + steps), per_name(1)
         none = (0, 0.0)
