@@ -36,7 +36,7 @@ from tabulate import tabulate
 import ppcompile
 from ppcompile import evaluate, models
 from ppcompile.options import Options
-from ppcompile.passes.train_routers import cpu_multiplies_bf16
+from ppcompile.passes.calibrate import cpu_multiplies_bf16
 
 DEFAULTS = Options()
 ROOT = Path(__file__).resolve().parent.parent

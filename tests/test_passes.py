@@ -228,8 +228,8 @@ def test_distill_routers_repairs_damaged_routers():
 
 def test_budget_check_gives_distillation_its_baseline():
     """distill_routers starts from the dense outputs calibrate kept and the budget check's loss
-    instead of running them again: they must be what the dense graph and its own check compute
-    on the fitted routers; it releases the kept outputs."""
+    instead of running them again: they must be what the dense graph (at the passes' precision)
+    and its own check compute on the fitted routers; it releases the kept outputs."""
     module = importlib.import_module("ppcompile.passes.distill_routers")
     _, gm, ctx = planned_graph(distill_epochs=1)
     planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
@@ -238,7 +238,7 @@ def test_budget_check_gives_distillation_its_baseline():
     kept = gm.meta["ppcompile_dense"]
     assert sorted(kept) == list(range(len(batches)))  # a tiny model's outputs all fit
     for index, batch in enumerate(batches):
-        with torch.no_grad():
+        with torch.no_grad(), module.plan_precision(gm, planned):  # as calibrate ran it
             dense = module.floating_outputs(gm(*module.fresh_inputs(batch)))
         assert len(kept[index]) == len(dense)
         # kept in float16 (kept_outputs): 11 significant bits
@@ -308,24 +308,35 @@ def test_kept_dense_outputs_are_float16_only_where_that_holds_them():
     assert kept[1].data_ptr() != large.data_ptr()  # copies: the graph may reuse its outputs
 
 
-def test_sparse_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
-    """The plan passes' sparse runs use bfloat16 matrix products where the hardware has them
+def test_plan_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):
+    """The plan passes' runs of the graph use bfloat16 matrix products where the hardware has them
     (CPUs with AMX or AVX512-BF16, CUDA) and the weights are float32; the routers' selection
     stays float32, so the kept experts are those of a float32 run."""
     tr = importlib.import_module("ppcompile.passes.train_routers")
+    cal = importlib.import_module("ppcompile.passes.calibrate")
+    monkeypatch.setattr(cal, "cpu_multiplies_bf16", lambda: True)
+    calibrated_under, add = [], cal._Sampler.add
+
+    def sample(self, ffn, *args):
+        calibrated_under.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                else None)
+        return add(self, ffn, *args)
+    monkeypatch.setattr(cal._Sampler, "add", sample)
     _, gm, ctx = planned_graph()
     planned = [(f, f.weights(ctx.values)) for f in gm.meta["ppcompile_ffns"]]
-    monkeypatch.setattr(tr, "cpu_multiplies_bf16", lambda: True)
-    assert tr.sparse_precision(gm, planned).fast_dtype == torch.bfloat16
-    with tr.sparse_precision(gm, planned):
+    assert calibrated_under and set(calibrated_under) == {torch.bfloat16}  # calibrate's runs too
+    assert all(f.sample is None or f.sample["x"].dtype == torch.float32
+               for f in gm.meta["ppcompile_ffns"])
+    assert cal.plan_precision(gm, planned).fast_dtype == torch.bfloat16
+    with cal.plan_precision(gm, planned):
         assert torch.is_autocast_enabled("cpu")
-    with tr.sparse_precision(tr.sparse_copy(gm, planned), planned):  # the passes' own functions
+    with cal.plan_precision(tr.sparse_copy(gm, planned), planned):  # the passes' own functions
         assert torch.is_autocast_enabled("cpu")
     half = [(f, dict(w, w_down=w["w_down"].bfloat16())) for f, w in planned]
-    with tr.sparse_precision(gm, half):
+    with cal.plan_precision(gm, half):
         assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(tr, "cpu_multiplies_bf16", lambda: False)
-    with tr.sparse_precision(gm, planned):
+    monkeypatch.setattr(cal, "cpu_multiplies_bf16", lambda: False)
+    with cal.plan_precision(gm, planned):
         assert not torch.is_autocast_enabled("cpu")
     # the selection inside a sparse FFN output under autocast is the float32 one
     ffn, w = planned[0]
@@ -345,17 +356,17 @@ def test_graphs_that_write_in_place_plan_in_float32(monkeypatch):
     """A static KV cache is written with index_copy_, which cannot take bfloat16 values into a
     float32 cache: such graphs' plan passes run without autocast, and generate() compiles."""
     from transformers import StaticCache
-    tr = importlib.import_module("ppcompile.passes.train_routers")
-    monkeypatch.setattr(tr, "cpu_multiplies_bf16", lambda: True)
+    cal = importlib.import_module("ppcompile.passes.calibrate")
+    monkeypatch.setattr(cal, "cpu_multiplies_bf16", lambda: True)
     graph = torch.fx.Graph()
     cache, x = graph.placeholder("cache"), graph.placeholder("x")
     graph.output(graph.call_method("index_copy_", (cache, 0, graph.placeholder("i"), x)))
-    assert tr._writes_in_place(torch.fx.GraphModule(torch.nn.Module(), graph))
+    assert cal.writes_in_place(torch.fx.GraphModule(torch.nn.Module(), graph))
     pure = torch.fx.Graph()  # `&` of two masks is operator.and_: not a write
     pure.output(pure.call_function(operator.and_, (pure.placeholder("a"), pure.placeholder("b"))))
-    assert not tr._writes_in_place(torch.fx.GraphModule(torch.nn.Module(), pure))
+    assert not cal.writes_in_place(torch.fx.GraphModule(torch.nn.Module(), pure))
     _, gm, ctx = planned_graph()
-    assert not tr._writes_in_place(gm)
+    assert not cal.writes_in_place(gm)
     model = tiny_model("llama")
     reference = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
     model.forward = torch.compile(model.forward, backend="prunepath", options={

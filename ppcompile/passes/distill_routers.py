@@ -15,7 +15,8 @@ together on what the model outputs:
   (last dimension >= 4 x the widest FFN input), else the relative squared error of all floating
   outputs (encoders);
 - the student's matrix products in bfloat16 where the device has them natively and the weights
-  are float32 (train_routers.sparse_precision; its routers in float32), the teacher float32;
+  are float32 (calibrate.plan_precision; its routers in float32), as were the teacher's, the
+  dense outputs calibrate kept;
 - Adam on the routers only, each router's lr DISTILL_LR / RMS of its FFN's input (so a step
   moves router logits alike whatever the input's scale), options.distill_epochs passes over the
   calibration batches but the first (the check batch, held out when there are others, so that
@@ -48,10 +49,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..kernels.reference import kept_down
-from .calibrate import calibration_batches, floating_outputs
+from .calibrate import calibration_batches, floating_outputs, no_autocast, plan_precision
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
-                            fresh_inputs, model_tau_for, no_autocast, sparse_copy,
-                            sparse_loss, sparse_precision, with_ffn_outputs)
+                            fresh_inputs, model_tau_for, sparse_copy, sparse_loss,
+                            with_ffn_outputs)
 
 DISTILL_LR = 5e-4  # Adam's lr for a router times the RMS of its FFN's input
 FRACTIONS = (0.4, 0.95)   # mean active fractions the updates are drawn from
@@ -101,7 +102,7 @@ def _distill(gm, ctx, planned):
         tokens = data.shape[0] * data.shape[1] if data is not None and data.dim() >= 2 else 1
         per_update = max(1, math.ceil(TOKENS_PER_UPDATE * len(batches) / max(tokens, 1)))
         train = list(range(1, len(batches))) or [0]
-        precision = sparse_precision(gm, planned)
+        precision = plan_precision(gm, planned)
         frozen = [p for p in gm.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)

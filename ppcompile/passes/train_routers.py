@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask, kept_down
 from ..plan import neuron_signature
-from .calibrate import calibration_batches, floating_outputs, input_restorer
+from .calibrate import (calibration_batches, floating_outputs, in_place, input_restorer,
+                        no_autocast, plan_precision)
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
 # the same when distill_routers refines the routers after: as good there, in a third of the time
-# (router_ablation.md, G)
+# (router_ablation.md, G); 10 cost prunepath on Gemma-3 and gave topk the lead on SmolLM2 at 0.9
+# (N); none at all is worse (N)
 CE_STEPS_DISTILLED = 30
 CE_DECAY = 1e-4  # L2 penalty on the router weight in the cross-entropy fit
 # model-wide taus at which the layer budget is solved: fine near 1, where fractions move fast;
@@ -270,7 +272,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     errors = {"budget": [], "model_tau": []}
     losses = {}
     logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
-    precision = sparse_precision(gm, planned)  # decided once (it scans the graph)
+    precision = plan_precision(gm, planned)  # decided once (it scans the graph)
     for tau in taus:
         for kind, found in errors.items():
             for ffn, _ in planned:
@@ -373,66 +375,8 @@ def sparse_loss(sparse, planned, tau, batch, dense, logits_width) -> float:
     at model-wide tau (each FFN at its own threshold for it; left there)."""
     for ffn, _ in planned:
         ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
-    with torch.no_grad(), sparse_precision(sparse, planned):
+    with torch.no_grad(), plan_precision(sparse, planned):
         return distill_loss(floating_outputs(sparse(*fresh_inputs(batch))), dense, logits_width)
-
-
-def sparse_precision(gm: fx.GraphModule, planned):
-    """Autocast to bfloat16 for the sparse runs of the plan passes (budget and temperature
-    checks, distillation) when the weights are float32 and the device multiplies bfloat16
-    matrices natively (CUDA with bf16, CPUs with AMX or AVX512-BF16): SmolLM2's forward pass
-    over 2048 tokens took 2.0 s in float32 and 0.63 s so on a 2-core Sapphire Rapids, and the
-    KL of those logits to the float32 ones is 0.0015, against check and training losses of
-    0.1-0.9. The dense outputs they compare with stay float32 (calibrate), and the routers'
-    logits and selection are computed in float32 inside (no_autocast). Not for graphs that write
-    into tensors in place (a static KV cache's index_copy_): bfloat16 results cannot be written
-    into their float32 buffers that way."""
-    weight = planned[0][1]["w_down"]
-    device = weight.device
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and cpu_multiplies_bf16()
-    enabled = native and weight.dtype == torch.float32 and not _writes_in_place(gm)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled))
-
-
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively: AMX (Intel Sapphire Rapids and
-    later) or AVX512-BF16 (AMD Zen 4 and later). On a 2-core Zen 4 (EPYC Genoa) a bfloat16 product
-    of SmolLM2's shapes ran at 300-440 GFLOP/s against 140-200 in float32, and its forward pass
-    over 2048 tokens took 2.1 s under autocast against 3.8 s."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, bool)() for name in ("_is_amx_tile_supported",
-                                                       "_is_avx512_bf16_supported"))
-
-
-def _writes_in_place(gm: fx.GraphModule) -> bool:
-    """Whether the graph calls an in-place tensor operation other than the functions the passes
-    insert."""
-    return any(_in_place(node) and not _module(node.target).startswith("ppcompile")
-               for node in gm.graph.nodes)
-
-
-def _in_place(node: fx.Node) -> bool:
-    """A call of an in-place tensor operation: its name ends in one underscore, and it is not
-    one of Python's operator functions (`and_` is `&`, which transformers' causal masks put in
-    SmolLM2's and Gemma-3's graphs; taking it for a write had turned the bfloat16 runs off)."""
-    if node.op not in ("call_method", "call_function"):
-        return False
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")
-            and _module(target) not in ("operator", "_operator"))
-
-
-def _module(target) -> str:
-    return str(getattr(target, "__module__", "") or "")
-
-
-def no_autocast(x):
-    """Float32 inside a sparse_precision run (the routers' logits and selection)."""
-    return torch.autocast(x.device.type, enabled=False)
 
 
 def fresh_inputs(inputs):
@@ -472,7 +416,7 @@ def _erase_with_unused_inputs(graph: fx.Graph, node: fx.Node):
     graph.erase_node(node)
     for source in inputs:
         if (not source.users and source.op in ("call_function", "call_method")
-                and not _in_place(source)):
+                and not in_place(source)):
             _erase_with_unused_inputs(graph, source)
 
 
