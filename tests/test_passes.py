@@ -197,6 +197,8 @@ def test_distill_routers_trains_only_routers_and_keeps_them_only_if_they_help():
     # choose_temperature reads them next
     assert all(f.sample is not None for f in gm.meta["ppcompile_ffns"])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    # no gradient reached the model's own weights (none computed, none left behind)
+    assert all(p.grad is None for p in model.parameters())
     assert [s.router_w for s in states] == tensors  # updated in place
     report = gm.meta["ppcompile_distill"]
     assert len(report["losses"]) == 3  # 384 tokens per epoch: one update each
