@@ -292,6 +292,13 @@ def test_sliced_distillation_loss_matches_autograd(vocab, device, monkeypatch):
     assert loss == pytest.approx(float(ref), rel=1e-5)
     assert torch.allclose(got.grad, 0.5 * grad_ref, atol=1e-7)
     assert tr.distill_backward([got], [want], 5, 0.5, buffer)[1] is buffer  # reused
+    # a bfloat16 run's logits: read a slice at a time in float32, their gradient in bfloat16
+    half = got.detach().bfloat16().requires_grad_(True)
+    loss, buffer = tr.distill_backward([half], [want], 5, 0.5)
+    (grad_half,) = torch.autograd.grad(
+        (logp_want.exp() * (logp_want - half.float().log_softmax(-1))).sum(-1).mean(), half)
+    assert loss == pytest.approx(float(ref), rel=1e-2) and buffer.dtype == torch.bfloat16
+    assert torch.allclose(half.grad.float(), 0.5 * grad_half.float(), rtol=1e-2, atol=1e-4)
     assert tr._sum_sq(got, want) == pytest.approx(float((got - want).square().sum()), rel=1e-5)
     # narrower than logits: the relative squared error, through autograd
     enc = torch.randn(4, 3, generator=g).to(device).requires_grad_(True)

@@ -49,7 +49,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..kernels.reference import kept_down
-from .calibrate import calibration_batches, floating_outputs, no_autocast, plan_precision
+from .calibrate import (calibration_batches, floating_leaves, floating_outputs, no_autocast,
+                        plan_precision)
 from .train_routers import (LOGITS_WIDTH, TAU_GRID, budget_tables, distill_backward,
                             fresh_inputs, model_tau_for, sparse_copy, sparse_loss,
                             with_ffn_outputs)
@@ -123,7 +124,7 @@ def _distill(gm, ctx, planned):
                             with torch.no_grad():
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
                         with precision:
-                            got = floating_outputs(student(*fresh_inputs(batches[index])))
+                            got = floating_leaves(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
                                                              1.0 / len(group), grad_buffer)
                         total += loss / len(group)

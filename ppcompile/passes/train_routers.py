@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask, kept_down
 from ..plan import neuron_signature
-from .calibrate import (calibration_batches, floating_outputs, in_place, input_restorer,
+from .calibrate import (calibration_batches, floating_leaves, floating_outputs, in_place,
+                        input_restorer,
                         no_autocast, plan_precision)
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
@@ -324,9 +325,10 @@ def _logits(got, want, logits_width):
     return next(((g, w) for g, w in zip(got, want) if w.shape[-1] >= logits_width), None)
 
 
-def _kl(got, want, grad=None) -> float:
-    """Mean over tokens of KL(softmax(want) || softmax(got)), a slice of tokens at a time; with
-    grad (fp32, got's shape) its gradient with respect to got is written there."""
+def _kl(got, want, grad=None, scale=1.0) -> float:
+    """Mean over tokens of KL(softmax(want) || softmax(got)), a slice of tokens at a time, in
+    float32; with grad (got's shape and dtype) scale x its gradient with respect to got is
+    written there."""
     total, n = 0.0, got.numel() // got.shape[-1]
     grads = _row_slices(grad) if grad is not None else repeat(None)
     with torch.no_grad():
@@ -336,7 +338,7 @@ def _kl(got, want, grad=None) -> float:
             p_want = logp_want.exp()
             total += float((p_want * (logp_want - logp_got)).sum(dtype=torch.float64))
             if out is not None:
-                torch.sub(logp_got.exp_(), p_want, out=out).div_(n)
+                out.copy_(logp_got.exp_().sub_(p_want).div_(n).mul_(scale))
     return total / n
 
 
@@ -363,10 +365,11 @@ def distill_backward(got, want, logits_width, scale, buffer=None):
         (loss * scale).backward()
         return float(loss.detach()), buffer
     g, w = pair
-    if buffer is None or buffer.shape != g.shape or buffer.device != g.device:
-        buffer = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    loss = _kl(g.detach(), w, buffer)
-    g.backward(buffer.mul_(scale).to(g.dtype))
+    if (buffer is None or buffer.shape != g.shape or buffer.dtype != g.dtype
+            or buffer.device != g.device):
+        buffer = torch.empty_like(g, memory_format=torch.contiguous_format)
+    loss = _kl(g.detach(), w, buffer, scale)
+    g.backward(buffer)
     return loss, buffer
 
 
@@ -376,7 +379,7 @@ def sparse_loss(sparse, planned, tau, batch, dense, logits_width) -> float:
     for ffn, _ in planned:
         ffn.state.tau.fill_(ffn.state.ffn_tau(tau))
     with torch.no_grad(), plan_precision(sparse, planned):
-        return distill_loss(floating_outputs(sparse(*fresh_inputs(batch))), dense, logits_width)
+        return distill_loss(floating_leaves(sparse(*fresh_inputs(batch))), dense, logits_width)
 
 
 def fresh_inputs(inputs):
