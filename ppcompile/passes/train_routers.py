@@ -295,8 +295,11 @@ LOGITS_WIDTH = 4  # an output at least this many times wider than d_model is log
 # slices of at most this many elements: each fresh large buffer is page-faulted in, which on
 # the 2-core machines took 0.6-0.8 s per 400 MB once the process held a few GB (a log_softmax
 # of SmolLM2's calibration logits: 0.81 s in the plan passes, 0.12 s in a fresh process), and
-# the unsliced loss made ten of them per distillation update
-SLICE_ELEMENTS = 1 << 22
+# the unsliced loss made ten of them per distillation update. Smaller slices are reused by the
+# allocator instead: the KL and its gradient on SmolLM2's logits, with 3 GB held, took 0.38-0.40 s
+# in slices of 2^19 elements, 0.41-0.46 s of 2^20, 0.85-0.95 s of 2^21 and 0.73-0.84 s of 2^22
+# (2-core EPYC Genoa); 2^18 took 0.66 s (more, smaller operations)
+SLICE_ELEMENTS = 1 << 19
 
 
 def _row_slices(t):
