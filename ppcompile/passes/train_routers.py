@@ -45,8 +45,7 @@ from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask, kept_down
 from ..plan import neuron_signature
 from .calibrate import (calibration_batches, floating_leaves, floating_outputs, in_place,
-                        input_restorer,
-                        no_autocast, plan_precision)
+                        input_restorer, no_autocast, plan_precision)
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
