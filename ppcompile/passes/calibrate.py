@@ -71,14 +71,7 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 def floating_outputs(out) -> list:
     """The floating-point tensors of a graph's output, in float32."""
-    return [t.float() for t in _floating_leaves(out)]
-
-
-def floating_leaves(out) -> list:
-    """The floating-point tensors of a graph's output, in their own dtype: the losses read them a
-    slice at a time in float32 (a float32 copy of a bfloat16 run's logits, SmolLM2 on 2048 tokens,
-    is 400 MB, and its fresh pages took 0.3-0.4 s to fault in per distillation update)."""
-    return _floating_leaves(out)
+    return [t.float() for t in floating_leaves(out)]
 
 
 def kept_outputs(out) -> list:
@@ -86,14 +79,17 @@ def kept_outputs(out) -> list:
     2^15; 11 significant bits, ~0.01 on a logit of 20, against a bfloat16 student: half the
     memory, so twice the batches fit DENSE_KEEP_BYTES), else float32. Readers cast slices up."""
     kept = []
-    for t in _floating_leaves(out):
+    for t in floating_leaves(out):
         fits = t.dtype != torch.float64 and (
             t.numel() == 0 or bool(t.detach().abs().amax() < 2 ** 15))
         kept.append(t.to(torch.float16 if fits else torch.float32, copy=True))
     return kept
 
 
-def _floating_leaves(out) -> list:
+def floating_leaves(out) -> list:
+    """The floating-point tensors of a graph's output, in their own dtype: the losses read them a
+    slice at a time in float32 (a float32 copy of a bfloat16 run's logits, SmolLM2 on 2048 tokens,
+    is 400 MB, and its fresh pages took 0.3-0.4 s to fault in per distillation update)."""
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 

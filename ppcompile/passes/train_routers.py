@@ -45,7 +45,7 @@ from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask, kept_down
 from ..plan import neuron_signature
 from .calibrate import (calibration_batches, floating_leaves, floating_outputs, in_place,
-                        input_restorer, no_autocast, plan_precision)
+                        no_autocast, plan_precision)
 
 RIDGE = 1e-2  # ridge penalty, relative to the mean diagonal of x^T x
 CE_STEPS = 100  # L-BFGS iterations of the cross-entropy fit
@@ -257,17 +257,10 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batch = calibration_batches(gm, ctx)[0]
-    restore_inputs = input_restorer(ctx)
     sparse = sparse_copy(gm, planned)
-
-    def outputs(module):
-        out = floating_outputs(module(*batch))
-        restore_inputs()
-        return out
-
     kept = gm.meta.setdefault("ppcompile_dense", {})
     if 0 not in kept:
-        kept[0] = outputs(gm)
+        kept[0] = floating_outputs(gm(*fresh_inputs(batch)))
     dense = kept[0]
     errors = {"budget": [], "model_tau": []}
     losses = {}
@@ -277,8 +270,8 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
         for kind, found in errors.items():
             for ffn, _ in planned:
                 ffn.state.tau.fill_(ffn.state.ffn_tau(tau) if kind == "budget" else tau)
-            with precision:
-                got = outputs(sparse)
+            with precision:  # as sparse_loss: outputs in their dtype, inputs copied
+                got = floating_leaves(sparse(*fresh_inputs(batch)))
             found.append(_relative_error(got, dense))
             if kind not in losses:  # the lower fraction's only
                 losses[kind] = distill_loss(got, dense, logits_width)
