@@ -243,8 +243,9 @@ def test_budget_check_gives_distillation_its_baseline():
         with torch.no_grad(), module.plan_precision(gm, planned):  # as calibrate ran it
             dense = module.floating_outputs(gm(*module.fresh_inputs(batch)))
         assert len(kept[index]) == len(dense)
-        # kept in float16 (kept_outputs): 11 significant bits
-        assert all(a.dtype == torch.float16 and torch.allclose(a.float(), b, rtol=1e-3, atol=1e-4)
+        # kept as the run made them where it made 16-bit outputs, else in float16 (kept_outputs)
+        assert all(a.dtype in (torch.float16, torch.bfloat16)
+                   and torch.allclose(a.float(), b, rtol=1e-3, atol=1e-4)
                    for a, b in zip(kept[index], dense))
     width = module.LOGITS_WIDTH * max(f.d_model for f, _ in planned)
     loss = module.sparse_loss(module.sparse_copy(gm, planned), planned, verdict["taus"][0],
@@ -308,13 +309,24 @@ def test_sliced_distillation_loss_matches_autograd(vocab, device, monkeypatch):
     assert enc.grad is not None
 
 
-def test_kept_dense_outputs_are_float16_only_where_that_holds_them():
+def test_kept_dense_outputs_are_16_bit_only_where_that_holds_them():
     calibrate_module = importlib.import_module("ppcompile.passes.calibrate")
     small, large = torch.randn(3, 4) * 50, torch.randn(3, 4) * 1e5
     kept = calibrate_module.kept_outputs({"a": small, "b": (large, torch.arange(3))})
     assert [t.dtype for t in kept] == [torch.float16, torch.float32]  # integers dropped
     assert torch.allclose(kept[0].float(), small, rtol=1e-3) and torch.equal(kept[1], large)
     assert kept[1].data_ptr() != large.data_ptr()  # copies: the graph may reuse its outputs
+    # 16-bit outputs stay as they are; copied only where an input shares their memory (the next
+    # run may write into it) or where they are views
+    fresh, written = small.bfloat16(), torch.randn(3, 4).half()
+    kept = calibrate_module.kept_outputs([fresh, written, fresh[1:]], inputs=[written])
+    assert [t.dtype for t in kept] == [torch.bfloat16, torch.float16, torch.bfloat16]
+    assert kept[0].data_ptr() == fresh.data_ptr()
+    assert kept[1].data_ptr() != written.data_ptr() and torch.equal(kept[1], written)
+    assert kept[2].untyped_storage().data_ptr() != fresh.untyped_storage().data_ptr()
+    assert torch.equal(kept[2], fresh[1:])
+    nan = torch.tensor([1.0, float("nan")])
+    assert calibrate_module.kept_outputs([nan])[0].dtype == torch.float32
 
 
 def test_plan_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):

@@ -13,7 +13,8 @@ what a norm after it makes of it; found as the first add after the FFN that adds
 not computed from it), or 1 where no such add exists: how much an error in this FFN's output
 moves what the next layer sees. When distillation follows (options.distill_epochs > 0), the
 graph's dense outputs on the calibration batches stay in gm.meta["ppcompile_dense"] while they
-fit DENSE_KEEP_BYTES (kept_outputs: float16 where that holds them). Deterministic for a given seed.
+fit DENSE_KEEP_BYTES (kept_outputs: in 16 bits where that holds them). Deterministic for a
+given seed.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                                             leave=False, disable=len(batches) < 2)):
             out = observed(*inputs)
             if dense_bytes < keep_bytes:  # copies only while they may be kept
-                out = kept_outputs(out)
+                out = kept_outputs(out, inputs)
                 size = sum(t.numel() * t.element_size() for t in out)
                 if dense_bytes + size <= keep_bytes:
                     dense[index], dense_bytes = out, dense_bytes + size
@@ -74,14 +75,25 @@ def floating_outputs(out) -> list:
     return [t.float() for t in floating_leaves(out)]
 
 
-def kept_outputs(out) -> list:
-    """floating_outputs as they are kept: in float16 where that holds them (magnitudes below
+def kept_outputs(out, inputs=()) -> list:
+    """floating_outputs as they are kept. 16-bit outputs (a bfloat16 run's logits) stay as they
+    are, with no copy unless they share memory with one of the run's `inputs` (which the next run
+    may overwrite) or are views: a copy of SmolLM2's logits of one batch is 200 MB of fresh pages,
+    ~0.3 s to fault in. Wider ones are kept in float16 where that holds them (magnitudes below
     2^15; 11 significant bits, ~0.01 on a logit of 20, against a bfloat16 student: half the
-    memory, so twice the batches fit DENSE_KEEP_BYTES), else float32. Readers cast slices up."""
+    memory, so twice the batches fit DENSE_KEEP_BYTES), else in float32. Readers cast slices up."""
+    held = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
     kept = []
     for t in floating_leaves(out):
-        fits = t.dtype != torch.float64 and (
-            t.numel() == 0 or bool(t.detach().abs().amax() < 2 ** 15))
+        t = t.detach()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            storage = t.untyped_storage()
+            shared = (storage.data_ptr() in held
+                      or storage.nbytes() != t.numel() * t.element_size())  # a view
+            kept.append(t.clone() if shared else t)
+            continue
+        fits = t.dtype != torch.float64 and (t.numel() == 0 or bool(
+            torch.stack(torch.aminmax(t)).abs().amax() < 2 ** 15))  # no |t| temporary
         kept.append(t.to(torch.float16 if fits else torch.float32, copy=True))
     return kept
 

@@ -192,7 +192,8 @@ def budget_curve(sample, router_w, router_b):
     imp2 = sample["importance"].double().square()
     prob = torch.nn.functional.linear(sample["x"].float(), router_w.float(),
                                       router_b.float()).softmax(-1)
-    prob, order = prob.double().sort(-1, descending=True)
+    prob, order = prob.sort(-1, descending=True)  # in float32: half the time of float64's
+    prob = prob.double()
     before = prob.cumsum(-1) - prob  # mass ranked above each expert: kept while < tau
     y2 = sample["y2"][:, None]
     scaled = imp2.gather(-1, order) * sample["weight"].double()[:, None] / y2.clamp_min(1e-30)
@@ -216,18 +217,23 @@ def layer_budgets(curves, widths) -> list[torch.Tensor]:
     width = torch.tensor(widths, dtype=torch.float64)[:, None]
     width = width / width.mean()
     budget = (fraction * width).mean(0)  # [G]: what each model-wide tau costs unchanged
+    rows = torch.arange(len(fraction))
+    grid = (TAU_GRID < 1.0).nonzero().flatten()  # tau = 1 keeps everything
+    # one bisection for all grid points at once: picks[g, l] is FFN l's grid threshold
+    lo, hi = torch.full((len(grid),), -40.0).double(), torch.full((len(grid),), 20.0).double()
+
+    def picks_at(log_lambda):
+        price = torch.exp(log_lambda.float()).double()[:, None, None]
+        return (cost[None] + price * fraction[None] * width[None]).argmin(2)  # [g, L]
+
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        picks = picks_at(mid)
+        spent = (fraction[rows, picks] * width[:, 0]).mean(1)
+        within = spent <= budget[grid]
+        lo, hi = torch.where(within, lo, mid), torch.where(within, mid, hi)
     table = torch.ones_like(fraction)
-    for g, target in enumerate(budget.tolist()):
-        if TAU_GRID[g] >= 1.0:
-            continue
-        lo, hi = -40.0, 20.0
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            picks = (cost + torch.exp(torch.tensor(mid)) * fraction * width).argmin(1)
-            spent = (fraction.gather(1, picks[:, None]) * width).mean()
-            lo, hi = (lo, mid) if spent <= target else (mid, hi)
-        picks = (cost + torch.exp(torch.tensor(hi)) * fraction * width).argmin(1)
-        table[:, g] = TAU_GRID[picks]
+    table[:, grid] = TAU_GRID[picks_at(hi)].T.to(table.dtype)
     return list(torch.cummax(table, 1).values)
 
 
@@ -262,6 +268,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
     if 0 not in kept:
         kept[0] = floating_outputs(gm(*fresh_inputs(batch)))
     dense = kept[0]
+    dense_sq = sum(_sum_sq(w) for w in dense)
     errors = {"budget": [], "model_tau": []}
     losses = {}
     logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
@@ -272,7 +279,7 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
                 ffn.state.tau.fill_(ffn.state.ffn_tau(tau) if kind == "budget" else tau)
             with precision:  # as sparse_loss: outputs in their dtype, inputs copied
                 got = floating_leaves(sparse(*fresh_inputs(batch)))
-            found.append(_relative_error(got, dense))
+            found.append(_relative_error(got, dense, dense_sq))
             if kind not in losses:  # the lower fraction's only
                 losses[kind] = distill_loss(got, dense, logits_width)
     gain = sum(math.log(max(b, 1e-30) / max(g, 1e-30))
@@ -309,10 +316,13 @@ def _sum_sq(a, b=None) -> float:
                          .sum(dtype=torch.float64)) for x, y in pairs)
 
 
-def _relative_error(got, want) -> float:
-    """||got - want||^2 / ||want||^2 over all the outputs, a slice at a time."""
+def _relative_error(got, want, want_sq=None) -> float:
+    """||got - want||^2 / ||want||^2 over all the outputs, a slice at a time (want_sq: ||want||^2
+    if known)."""
     num = sum(_sum_sq(g, w) for g, w in zip(got, want))
-    return num / max(sum(_sum_sq(w) for w in want), 1e-30)
+    if want_sq is None:
+        want_sq = sum(_sum_sq(w) for w in want)
+    return num / max(want_sq, 1e-30)
 
 
 def _logits(got, want, logits_width):
