@@ -228,6 +228,35 @@ def test_distill_routers_repairs_damaged_routers():
     assert report["kept"] and report["loss_distilled"] < report["loss_fitted"]
 
 
+@pytest.mark.parametrize("budget", [True, False])
+def test_distill_routers_leaves_the_first_ffns_routers_as_fitted_under_a_budget(budget,
+                                                                              monkeypatch):
+    """Where the layer budget is kept, the routers of the first FIXED_SHARE of the FFNs keep
+    train_routers' fit (the backward stops at the lowest trained router) and the others train;
+    without it every router trains. Routers damaged first: the distillation must repair them,
+    and be kept."""
+    module = importlib.import_module("ppcompile.passes.distill_routers")
+    monkeypatch.setattr(module, "FIXED_SHARE", 0.5)  # of the tiny model's two FFNs: the first
+    _, gm, ctx = planned_graph(distill_epochs=40)
+    states = [f.state for f in gm.meta["ppcompile_ffns"]]
+    gen = torch.Generator().manual_seed(5)
+    for s in states:
+        perm = torch.randperm(s.router_w.shape[0], generator=gen)
+        s.router_w.copy_(s.router_w[perm])
+        s.router_b.copy_(s.router_b[perm])
+    tr = importlib.import_module("ppcompile.passes.train_routers")
+    check = tr.check_budget  # the budget's verdict, forced
+    monkeypatch.setattr(tr, "check_budget", lambda *args: {**check(*args), "kept": budget})
+    gm = train_routers_budget_again(gm, ctx)
+    fitted = [(s.router_w.clone(), s.router_b.clone()) for s in states]
+    gm = distill_routers(gm, ctx)
+    report = gm.meta["ppcompile_distill"]
+    assert report["kept"] and report["losses"][-1] < report["losses"][0]
+    first_fixed = torch.equal(states[0].router_w, fitted[0][0])
+    assert first_fixed == torch.equal(states[0].router_b, fitted[0][1]) == budget
+    assert not torch.equal(states[1].router_w, fitted[1][0])
+
+
 def test_budget_check_gives_distillation_its_baseline():
     """distill_routers starts from the dense outputs calibrate kept and the budget check's loss
     instead of running them again: they must be what the dense graph (at the passes' precision)
