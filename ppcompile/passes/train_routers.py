@@ -220,9 +220,10 @@ def layer_budgets(curves, widths) -> list[torch.Tensor]:
     rows = torch.arange(len(fraction))
     grid = (TAU_GRID < 1.0).nonzero().flatten()  # tau = 1 keeps everything
     # one bisection for all grid points at once: picks[g, l] is FFN l's grid threshold
-    lo, hi = torch.full((len(grid),), -40.0).double(), torch.full((len(grid),), 20.0).double()
+    lo = torch.full((len(grid),), -40.0, dtype=torch.float64)
+    hi = torch.full((len(grid),), 20.0, dtype=torch.float64)
 
-    def picks_at(log_lambda):
+    def picks_at(log_lambda):  # lambda = exp in float32: the scalar loop's tables to the bit
         price = torch.exp(log_lambda.float()).double()[:, None, None]
         return (cost[None] + price * fraction[None] * width[None]).argmin(2)  # [g, L]
 
