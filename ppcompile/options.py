@@ -64,8 +64,9 @@ class Options:
     plan: path or None. A plan file (see ppcompile.save_plan) to use instead of calibrating; it
         must have been made for these weights, or it is refused.
     cache: bool. Reuse and store plans in the cache directory ($PPCOMPILE_CACHE_DIR, default
-        ~/.cache/ppcompile/plans), keyed by a fingerprint of the weights, the plan options and
-        the calibration data, so compiling the same model again skips calibration.
+        ~/.cache/ppcompile/plans), keyed by a fingerprint of the weights, the plan options,
+        the calibration data and a hash of the planning code, so compiling the same model again
+        skips calibration, and other planning code (an upgrade) plans afresh.
     cudagraphs: bool. On the GPU, replay the compiled graphs as CUDA graphs (Inductor's
         cudagraph trees, as mode="reduce-overhead" does): decoding is launch-bound without them.
         Inputs then need static addresses between calls (HF's static KV cache has them).

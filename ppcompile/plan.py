@@ -9,6 +9,7 @@ is keyed by an exact hash of all weights of the compiled graph.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,22 @@ from .options import OptionError
 FORMAT = "ppcompile-plan/3"
 # a /1 plan has no tables: every FFN runs at the model's tau; /1 and /2 routers have temperature 1
 READABLE = ("ppcompile-plan/1", "ppcompile-plan/2", FORMAT)
+
+# the code that makes a plan: an edit to any of it can change the plan for the same weights
+PLANNER_SOURCES = ("ffn.py", "kernels/reference.py", "passes/calibrate.py", "passes/build_experts.py",
+                   "passes/train_routers.py", "passes/distill_routers.py",
+                   "passes/choose_temperature.py")
+
+
+@functools.cache
+def planner_version() -> str:
+    """A hash of the planning code's source. The cache is keyed by it, so that a cached plan made
+    by other calibration code (an upgrade, an edit) is not reused as if this code had made it."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for name in PLANNER_SOURCES:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return h.hexdigest()[:10]
 
 
 def neuron_signature(weights: dict) -> torch.Tensor:
@@ -77,8 +94,8 @@ def save(path, states, fingerprint: str, options: dict, calibration: dict | None
                 tensors[f"{i}.{table}"] = getattr(s, table).float().cpu().contiguous().clone()
         ffns.append(dict(name=s.name, kind=s.kind, activation=s.activation, d_model=s.d_model,
                          d_ff=s.d_ff, expert_size=s.expert_size))
-    header = dict(format=FORMAT, fingerprint=fingerprint, options=options, ffns=ffns,
-                  calibration=calibration or {})
+    header = dict(format=FORMAT, planner=planner_version(), fingerprint=fingerprint,
+                  options=options, ffns=ffns, calibration=calibration or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -109,8 +126,8 @@ def cache_dir() -> Path:
 
 
 def _key(plan_key: tuple) -> str:
-    # the format version leads the name, so that plans made by older code are not reused
-    return "-".join(map(str, ("v" + FORMAT.rsplit("/", 1)[1], *plan_key)))
+    # format and planner versions lead the name, so that plans made by other code are not reused
+    return "-".join(map(str, ("v" + FORMAT.rsplit("/", 1)[1], "p" + planner_version(), *plan_key)))
 
 
 def cache_path(fingerprint: str, plan_key: tuple, calibration_hash: str) -> Path:

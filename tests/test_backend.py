@@ -112,6 +112,27 @@ def test_compiling_the_same_model_twice_reuses_its_plan():
     assert ppcompile.report(second).rows[0]["tau"] == 1.0
 
 
+
+def test_plan_cache_serves_the_same_weights_until_the_planner_changes(monkeypatch):
+    """A fresh copy of a planned model compiles from the plan cache without calibrating, with
+    the same outputs; a plan cached by other planning code is not reused."""
+    out = run(compile_model(tiny_model("llama"), tau=0.6))
+    calls = []
+    module = importlib.import_module("ppcompile.passes.calibrate")
+    real = module.calibration_batches
+    monkeypatch.setattr(module, "calibration_batches", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cached plan needs no calibration data: no warning
+        cached = torch.compile(tiny_model("llama"), backend="prunepath",
+                               options={"tau": 0.6, "expert_size": 8})
+        assert rel_err(run(cached), out) < 1e-5
+    assert calls == []
+    monkeypatch.setattr(ppcompile.plan, "planner_version", lambda: "other-code")
+    torch._dynamo.reset()
+    run(compile_model(tiny_model("llama"), tau=0.6))
+    assert calls == [1]
+
 def test_new_plan_options_replan_and_stay_exact():
     model = tiny_model("llama")
     eager = run(model)
