@@ -96,7 +96,7 @@ class SparseFFN:
     model_tau: torch.Tensor = field(init=False)  # 0-d float32: as set_tau set it (other methods)
     stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
-    signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_signature
+    signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_columns, plan's order
     plan_key: tuple = ()
     plan_file: str | None = None  # the plan file it was loaded from, if any
     options_source: object = field(default=None, repr=False)  # the options dict that set tau
@@ -188,6 +188,9 @@ class Registry:
         if key not in self._states:
             weakref.finalize(up_weight, self._states.pop, key, None)
         self._states[key] = state
+
+    def drop(self, up_weight, down_weight):
+        self._states.pop((id(up_weight), id(down_weight)), None)
 
     def states_of(self, params) -> list[SparseFFN]:
         """States whose weights are among `params`, in the order of `params`."""

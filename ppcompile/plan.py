@@ -3,9 +3,12 @@ router temperatures per tau, the options that made them), saved to one safetenso
 JSON header, and tied to the weights they were made for.
 
 Tying a plan to weights must survive our own in-place permutation, so each FFN is identified by
-its per-neuron weight sums, sorted (a "signature", invariant under neuron order). Loading a plan
-compares signatures with a tolerance (sums differ in the last bits between devices); the cache
-is keyed by an exact hash of all weights of the compiled graph.
+its per-neuron weight sums ("columns": up row, gate row, down column and bias sums per neuron);
+sorted, they are a signature invariant under neuron order. Loading a plan compares signatures with
+a tolerance (sums differ in the last bits between devices), then finds the order the weights are
+in from the unsorted columns (the original order, the plan's, e.g. weights saved after a compile,
+or any other), so the plan's order is reached whatever order they were saved in. The cache is
+keyed by an exact hash of all weights of the compiled graph.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from safetensors.torch import save_file
 
 from .options import OptionError
 
-# /2 added the per-FFN tau tables, /3 the router temperature tables
-FORMAT = "ppcompile-plan/3"
+# /2 added the per-FFN tau tables, /3 the router temperature tables, /4 stores each FFN's neuron
+# columns in the plan's order (before: sorted, so the weights' order could not be checked)
+FORMAT = "ppcompile-plan/4"
 # a /1 plan has no tables: every FFN runs at the model's tau; /1 and /2 routers have temperature 1
-READABLE = ("ppcompile-plan/1", "ppcompile-plan/2", FORMAT)
+READABLE = ("ppcompile-plan/1", "ppcompile-plan/2", "ppcompile-plan/3", FORMAT)
+ORDERED = (FORMAT,)  # formats whose columns are in the plan's neuron order
 
 # the code that makes a plan: an edit to any of it can change the plan for the same weights
 PLANNER_SOURCES = ("ffn.py", "kernels/reference.py", "passes/calibrate.py", "passes/build_experts.py",
@@ -43,9 +48,9 @@ def planner_version() -> str:
     return h.hexdigest()[:10]
 
 
-def neuron_signature(weights: dict) -> torch.Tensor:
-    """[d_ff, k] float64: per neuron, the sums of its up/gate rows, down column and biases, each
-    column sorted, so the same FFN in any neuron order gives the same matrix."""
+def neuron_columns(weights: dict) -> torch.Tensor:
+    """[d_ff, k] float64: per neuron, in the weights' current order, the sums of its up/gate rows,
+    down column and biases."""
     cols = [weights["w_up"].sum(1)]
     if weights["w_gate"] is not None:
         cols.append(weights["w_gate"].sum(1))
@@ -53,16 +58,53 @@ def neuron_signature(weights: dict) -> torch.Tensor:
     for key in ("b_up", "b_gate"):
         if weights[key] is not None:
             cols.append(weights[key])
-    return torch.stack([c.detach().double().cpu().sort().values for c in cols], 1)
+    return torch.stack([c.detach().double().cpu() for c in cols], 1)
+
+
+def neuron_signature(weights: dict) -> torch.Tensor:
+    """The neuron columns, each sorted: the same FFN in any neuron order gives the same matrix."""
+    return sorted_columns(neuron_columns(weights))
+
+
+def sorted_columns(columns: torch.Tensor) -> torch.Tensor:
+    return columns.sort(0).values
 
 
 def same_signature(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Signatures of the same weights up to rounding (another device, dtype or summation order):
     every sorted column within 5% of its RMS. Different weights miss this by far."""
-    if a.shape != b.shape:
-        return False
+    return a.shape == b.shape and same_columns(a, b)
+
+
+def same_columns(a: torch.Tensor, b: torch.Tensor) -> bool:
     rms = b.square().mean(0).sqrt().clamp_min(1e-12)
     return bool(((a - b).abs() <= 0.05 * rms).all())
+
+
+def order_of(columns: torch.Tensor, planned: torch.Tensor, perm: torch.Tensor) -> torch.Tensor | None:
+    """The neuron order of weights with these columns, relative to the original order (as `perm`
+    is), given the columns of the same FFN in the plan's order `perm`: `perm` itself (the weights
+    were saved after a compile), the identity (the original order), or any other order the
+    columns match; None where no order matches (other weights)."""
+    if columns.shape != planned.shape:
+        return None
+    if same_columns(columns, planned):
+        return perm.clone()
+    original = planned[torch.argsort(perm)]
+    if same_columns(columns, original):
+        return torch.arange(len(perm))
+    # any other order: neurons paired by rank, lexicographically over the columns (ties in one
+    # column, such as dead neurons' zero sums, are broken by the next)
+    order = torch.empty_like(perm)
+    order[_lexsort(columns)] = _lexsort(original)
+    return order if same_columns(columns, original[order]) else None
+
+
+def _lexsort(columns: torch.Tensor) -> torch.Tensor:
+    idx = torch.arange(columns.shape[0])
+    for c in reversed(range(columns.shape[1])):
+        idx = idx[torch.argsort(columns[idx, c], stable=True)]
+    return idx
 
 
 def graph_fingerprint(tensors, signatures) -> str:
@@ -97,10 +139,16 @@ def save(path, states, fingerprint: str, options: dict, calibration: dict | None
     header = dict(format=FORMAT, planner=planner_version(), fingerprint=fingerprint,
                   options=options, ffns=ffns, calibration=calibration or {})
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"save_plan: {str(path)!r} is a directory; give a file path, "
+                                "e.g. its 'plan.safetensors'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"ppcompile": json.dumps(header)})
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"ppcompile": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path) -> tuple[dict, dict]:
@@ -114,9 +162,17 @@ def load(path) -> tuple[dict, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
         raise OptionError(f"option 'plan': {str(path)!r} is not a readable plan file ({err})") from err
-    header = json.loads(meta.get("ppcompile", "{}"))
-    if header.get("format") not in READABLE:
+    try:
+        header = json.loads(meta.get("ppcompile", "{}"))
+    except json.JSONDecodeError as err:
+        raise OptionError(f"option 'plan': {str(path)!r} has a plan header that is not JSON "
+                          f"({err})") from err
+    if not isinstance(header, dict) or header.get("format") not in READABLE:
         raise OptionError(f"option 'plan': {str(path)!r} is not a {FORMAT} file")
+    missing = [key for key in ("ffns", "options") if key not in header]
+    if missing:
+        raise OptionError(f"option 'plan': {str(path)!r} is damaged: its header has no "
+                          f"{' or '.join(map(repr, missing))}")
     return header, tensors
 
 

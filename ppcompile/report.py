@@ -62,7 +62,7 @@ def save_plan(compiled, path) -> None:
         raise ValueError("ppcompile: this model has no plan yet: compile it and call it once first")
     keys = {s.plan_key for s in states}
     key = keys.pop() if len(keys) == 1 else states[0].plan_key
-    fingerprint = plans.graph_fingerprint([], [s.signature for s in states])
+    fingerprint = plans.graph_fingerprint([], [plans.sorted_columns(s.signature) for s in states])
     plans.save(path, states, fingerprint, dict(zip(PLAN_FIELDS, key)))
 
 

@@ -133,6 +133,60 @@ def test_plan_cache_serves_the_same_weights_until_the_planner_changes(monkeypatc
     run(compile_model(tiny_model("llama"), tau=0.6))
     assert calls == [1]
 
+
+def shuffle_neurons_(model, seed=0):
+    """Reorder every Llama FFN's neurons: the same dense model, another neuron order."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            perm = torch.randperm(mlp.up_proj.weight.shape[0], generator=g)
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight.copy_(lin.weight[perm])
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
+
+
+@pytest.mark.parametrize("order", ["planned", "original", "shuffled"])
+@pytest.mark.parametrize("source", ["cache", "plan_file"])
+def test_plan_applies_to_weights_in_any_neuron_order(tmp_path, order, source):
+    """Weights saved after a compile are in the plan's order (it permutes them in place); loaded
+    into a fresh model, from the cache or a plan file, they must not be permuted again. Any
+    other order of the same weights is found and put in the plan's."""
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.6)
+    out = run(compiled)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    fresh = tiny_model("llama")
+    if order == "planned":
+        fresh.load_state_dict(model.state_dict())
+    elif order == "shuffled":
+        shuffle_neurons_(fresh)
+    torch._dynamo.reset()
+    options = {"tau": 0.6, "expert_size": 8, **({"plan": str(path)} if source == "plan_file" else {})}
+    again = torch.compile(fresh, backend="prunepath", options=options)
+    assert rel_err(run(again), out) < 1e-5
+    for a, b in zip(model.model.layers, fresh.model.layers):
+        assert torch.equal(a.mlp.up_proj.weight, b.mlp.up_proj.weight)
+
+
+def test_weights_loaded_into_a_compiled_model_are_checked_at_the_next_compile():
+    """load_state_dict writes into the tensors a plan is registered by: the next compile puts the
+    same weights back in the plan's order, and plans other weights anew."""
+    model = tiny_model("llama")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    out = run(compile_model(model, tau=0.6))
+    model.load_state_dict(original)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="permuted back"):
+        assert rel_err(run(compile_model(model, tau=0.6)), out) < 1e-5
+    other = tiny_model("llama", seed=1)
+    model.load_state_dict(other.state_dict())
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="planning it again"):
+        compiled = compile_model(model, tau=1.0)
+        assert rel_err(run(compiled), run(other)) < 1e-4
+
 def test_new_plan_options_replan_and_stay_exact():
     model = tiny_model("llama")
     eager = run(model)

@@ -5,12 +5,17 @@ weights already carry a plan made with the same plan options (a recompile for ne
 same model compiled again, another graph of the same model); (3) with options.cache, the FFNs
 of a graph whose fingerprint has a cached plan.
 Guarantees: the graph is unchanged; matched FFNs get `state`, their weights in the plan's neuron
-order (permuted in place relative to their current order, so applying a plan twice is a no-op);
-a plan file that does not fit (an FFN missing, another shape, kind or expert size, other weights)
-is refused with an OptionError naming what differs; gm.meta["ppcompile_fingerprint"] holds the
-graph's fingerprint when the cache was consulted.
+order (permuted in place from the order they are found in: the original, the plan's own for weights
+saved after a compile, or any other; so applying a plan twice is a no-op); weights written in place
+since they were planned (load_state_dict) are put back in their plan's order, or, if they are other
+weights, planned anew (a warning either way); a plan file that does not fit (an FFN missing,
+another shape, kind or expert size, other weights) is refused with an OptionError naming what
+differs; gm.meta["ppcompile_fingerprint"] holds the graph's fingerprint when the cache was
+consulted.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx as fx
@@ -48,8 +53,32 @@ def _attach_known(ffn, ctx, plan_file) -> bool:
         return False
     if plan_file is None and state.plan_key != ctx.options.plan_key():
         return False
+    if not _in_plan_order(ffn, state, ctx):
+        return False
     _adopt(ffn, state, ctx)
     return True
+
+
+def _in_plan_order(ffn, state, ctx) -> bool:
+    """Whether a registered plan still fits its FFN's weights, which are then in its neuron order.
+    Weights are found by identity, and load_state_dict writes into the same tensors: the same
+    weights in another order are permuted back; other weights lose the plan."""
+    weights = ffn.weights(ctx.values)
+    columns = plans.neuron_columns(weights)
+    if plans.same_columns(columns, state.signature):
+        return True
+    order = plans.order_of(columns, state.signature, state.perm)
+    if order is not None:
+        permute_neurons_(weights, torch.argsort(order)[state.perm])
+        warnings.warn(f"ppcompile: the weights of FFN '{state.name}' were written in place since "
+                      "it was planned (load_state_dict?), in another neuron order: permuted back "
+                      "to its plan's order", stacklevel=2)
+        return True
+    REGISTRY.drop(*ffn.key_params(ctx.values))
+    warnings.warn(f"ppcompile: the weights of FFN '{state.name}' changed since it was planned "
+                  "(load_state_dict?): its plan no longer fits them, planning it again",
+                  stacklevel=2)
+    return False
 
 
 def _adopt(ffn, state, ctx):
@@ -92,15 +121,24 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             raise OptionError(f"option 'plan': FFN '{ffn.name}' in {path!r} is {got}, "
                               f"but the model's is {want}")
         weights = ffn.weights(ctx.values)
-        signature = plans.neuron_signature(weights)
-        if not plans.same_signature(signature, tensors[f"{i}.signature"]):
+        columns, stored = plans.neuron_columns(weights), tensors[f"{i}.signature"]
+        if not plans.same_signature(plans.sorted_columns(columns), plans.sorted_columns(stored)):
             raise OptionError(
                 f"option 'plan': {path!r} was made for other weights: FFN '{ffn.name}' does not "
                 f"match the plan's fingerprint (a plan fits only the weights it was made for)")
         perm = tensors[f"{i}.perm"]
-        current = REGISTRY.get(*ffn.key_params(ctx.values))
-        relative = perm if current is None else torch.argsort(current.perm)[perm]
-        permute_neurons_(weights, relative)
+        if header["format"] in plans.ORDERED:
+            order = plans.order_of(columns, stored, perm)
+            if order is None:
+                raise OptionError(
+                    f"option 'plan': the neurons of FFN '{ffn.name}' are in an order that "
+                    f"{path!r} cannot pair with its own (same weights, but no neuron order makes "
+                    "their per-neuron sums match)")
+        else:  # older plans: the weights are in the original order unless we permuted them
+            current = REGISTRY.get(*ffn.key_params(ctx.values))
+            order = torch.arange(ffn.d_ff) if current is None else current.perm
+        permute_neurons_(weights, torch.argsort(order)[perm])
+        signature = plans.neuron_columns(weights)
         on_device = dict(device=weights["w_up"].device, dtype=weights["w_up"].dtype)
         opts = header["options"]
         state = SparseFFN(
