@@ -522,6 +522,43 @@ def test_rewrite_replaces_each_ffn_by_one_sparse_node(family):
     assert rel_err(got, want) < 1e-5
 
 
+
+class _SharedFFN(torch.nn.Module):
+    """One GELU FFN module applied twice (shared weights), as weight-tied layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        x = x + self.down(torch.nn.functional.gelu(self.up(x)))
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_ffn_applied_twice_is_planned_once_and_rewritten_at_both_uses():
+    model = _SharedFFN().eval()
+    x = torch.randn(2, 8, 16)
+    gm, example = capture(model, x)
+    opts = Options.from_dict({"calibration": torch.randn(16, 8, 16), "expert_size": 8,
+                              "distill_epochs": 0})
+    ctx = Context(example, graph_tensors(gm, example), opts, {})
+    gm = find_ffns(gm, ctx)
+    assert len(gm.meta["ppcompile_ffns"]) == 1 and len(gm.meta["ppcompile_twins"]) == 1
+    for p in (attach_plans, calibrate, build_experts, train_routers):
+        gm = p(gm, ctx)
+    before = op_counts(gm)
+    gm = rewrite(gm, ctx)
+    after = op_counts(gm)
+    assert after["sparse_ffn"] == 2 and after["gelu"] == before["gelu"] - 2
+    assert after["placeholder"] == before["placeholder"] + 4  # one plan's inputs, used twice
+    assert gm.meta["ppcompile_inputs"] == [gm.meta["ppcompile_inputs"][0]]
+    state = gm.meta["ppcompile_ffns"][0].state
+    state.set_tau(1.0)
+    with torch.no_grad():
+        got = gm(*example, state.router_w, state.router_b, state.tau, state.stats)
+        got = got[0] if isinstance(got, (tuple, list)) else got
+        assert rel_err(got, model(x)) < 1e-5
+
 def test_lower_to_triton_folds_the_statistics_add_into_the_op(monkeypatch):
     """On CUDA weights each sparse_ffn node and the stats.add_ after it become one triton_op node
     that writes the statistics itself (here the weights are on the CPU: the pass is told they are

@@ -10,7 +10,10 @@ run on random probes and must equal one of the known FFN forms:
 so an activation spelled out as a formula (GPT-2's gelu_new) matches like F.gelu does.
 
 Guarantees: the graph is unchanged; gm.meta["ppcompile_ffns"] lists FFNMatch objects whose
-projections and region nodes are used by nothing outside the FFN, no node belongs to two FFNs.
+projections and region nodes are used by nothing outside the FFN, no node belongs to two FFNs,
+and no two of them share weights: a module applied twice (shared weights) is listed at its first
+use, and each later use in gm.meta["ppcompile_twins"] as (match, first match), to be planned once
+and rewritten at every use.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def find_ffns(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         proj = match_projection(node, values)
         if proj is not None:
             projections[proj.node] = proj
-    taken, ffns = set(), []
+    taken, ffns, twins, by_weights = set(), [], [], {}
     for down in projections.values():
         match = _match_ffn(down, projections, values)
         if match is None:
@@ -41,8 +44,14 @@ def find_ffns(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if nodes & taken:
             continue
         taken |= nodes
-        ffns.append(match)
+        key = (match.up.weight, match.down.weight)
+        if key in by_weights:
+            twins.append((match, by_weights[key]))
+        else:
+            by_weights[key] = match
+            ffns.append(match)
     gm.meta["ppcompile_ffns"] = ffns
+    gm.meta["ppcompile_twins"] = twins
     return gm
 
 

@@ -1,6 +1,7 @@
 """Pass 9: replace each planned FFN by one sparse-FFN node.
 
-Matches: FFNs with a plan (state). Each one's projections and the nodes between them become one
+Matches: FFNs with a plan (state), and the later uses of their weights (ppcompile_twins), which
+share the plan and its inputs. Each one's projections and the nodes between them become one
 call of `torch.ops.ppcompile.sparse_ffn` on the FFN's input and its own weight placeholders (in
 nn.Linear layout: Conv1D weights are transposed, fused gate_up weights sliced, all as views),
 followed by `stats.add_(counts)`. The router weights, tau and statistics enter as new graph
@@ -28,18 +29,23 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     position = {n: i for i, n in enumerate(placeholders)}
     last = placeholders[-1]
-    layout = []
-    for ffn in gm.meta["ppcompile_ffns"]:
+    layout, extras = [], {}
+    twins = gm.meta.get("ppcompile_twins", [])
+    for ffn in [*gm.meta["ppcompile_ffns"], *(twin for twin, _ in twins)]:
+        first = next((f for twin, f in twins if twin is ffn), None)
+        if first is not None:
+            ffn.state = first.state
         if ffn.state is None:
             continue
-        extra = {}
-        for name in EXTRA_INPUTS:
-            with graph.inserting_after(last):
-                last = extra[name] = graph.placeholder(f"ppcompile_{len(layout)}_{name}")
-            last._dynamo_source = None
-            last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-            last.meta["example_value"] = extra_inputs(ffn.state, ctx.options.method)[
-                EXTRA_INPUTS.index(name)]
+        if id(first or ffn) not in extras:  # a twin uses its first match's inputs
+            extra = extras[id(ffn)] = {}
+            for name, value in zip(EXTRA_INPUTS, extra_inputs(ffn.state, ctx.options.method)):
+                with graph.inserting_after(last):
+                    last = extra[name] = graph.placeholder(f"ppcompile_{len(layout)}_{name}")
+                last._dynamo_source = None
+                last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+                last.meta["example_value"] = value
+        extra = extras[id(first or ffn)]
         with graph.inserting_before(ffn.down.node):
             w = _weight_nodes(graph, ffn)
             result = graph.call_function(torch.ops.ppcompile.sparse_ffn.default, (
@@ -52,6 +58,8 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         ffn.down.node.replace_all_uses_with(out)
         _erase_dead(graph, [*ffn.down.nodes, *ffn.region, *ffn.up.nodes,
                             *(ffn.gate.nodes if ffn.gate else ())])
+        if first is not None:
+            continue
         layout.append((position[ffn.up.weight], position[ffn.down.weight], ffn.state.expert_size))
     gm.meta["ppcompile_inputs"] = layout
     graph.lint()
