@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 
@@ -54,7 +55,7 @@ class Options:
         ~35 s there on a 2-core CPU, and with 2 epochs (the default) planning SmolLM2 took
         122-136 s in three measurements (section H). Kept only if a calibration batch shows it
         helps.
-    seed: int. Seeds sampling, clustering and router training: same seed, same plan.
+    seed: int in [0, 2**63). Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
         token (MoEfication), "static" the same round(tau * E) experts for every token (static
@@ -90,10 +91,12 @@ class Options:
                 f"option 'calibration' must be a torch.Tensor (token ids [N, T] or the module's "
                 f"first input), got {type(self.calibration).__name__}"
             )
+        if self.calibration is not None and self.calibration.device.type == "meta":
+            raise OptionError("option 'calibration' is on the meta device: it holds no data")
         _check_int(self, "expert_size", 1)
         _check_int(self, "calibration_tokens", 64)
         _check_int(self, "distill_epochs", 0)
-        _check_int(self, "seed", None)
+        _check_int(self, "seed", 0, 2**63 - 1)  # what a torch.Generator takes
         if self.plan is not None and not isinstance(self.plan, (str, os.PathLike)):
             raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
         for name in ("cache", "cudagraphs"):
@@ -130,16 +133,18 @@ class Options:
 
 
 def check_tau(tau, name="tau") -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):  # numpy floats too
         raise OptionError(f"option '{name}' must be a float in (0, 1], got {type(tau).__name__} {tau!r}")
     if not (0.0 < float(tau) <= 1.0) or math.isnan(tau):
         raise OptionError(f"option '{name}' must be a float in (0, 1], got {tau!r}")
     return float(tau)
 
 
-def _check_int(opts, name, minimum):
+def _check_int(opts, name, minimum, maximum=None):
     value = getattr(opts, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise OptionError(f"option '{name}' must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
+    if value < minimum:
         raise OptionError(f"option '{name}' must be an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise OptionError(f"option '{name}' must be an int in [{minimum}, {maximum}], got {value!r}")

@@ -1,6 +1,7 @@
 """User-facing views of a compiled model: report() and set_tau()."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,12 @@ def set_tau(compiled, tau: float) -> None:
     """Set tau for every sparse FFN of this model, at run time (no recompilation), and reset the
     statistics that report() shows."""
     tau = check_tau(tau, "tau")
-    for state in _states(compiled):
+    states = _states(compiled)
+    if not states:
+        warnings.warn("ppcompile.set_tau: this model has no sparse FFN (yet: a compiled model plans "
+                      "its FFNs at its first call; to start at another tau, pass "
+                      "options={'tau': ...} to torch.compile); nothing changed", stacklevel=2)
+    for state in states:
         state.set_tau(tau)
 
 
@@ -47,7 +53,8 @@ class Report:
 
     def __str__(self):
         if not self.rows:
-            return "ppcompile: no sparse FFN in this model"
+            return ("ppcompile: no sparse FFN in this model (yet: a compiled model plans its FFNs "
+                    "at its first call)")
         table = tabulate(self.rows, headers="keys", floatfmt=".3f", missingval="-")
         mean = self.active_fraction
         tail = "" if mean is None else f"\nmean active fraction: {mean:.3f}"
@@ -71,6 +78,10 @@ def report(compiled) -> Report:
     for s in _states(compiled):
         rows.append(dict(name=s.name, kind=s.kind, d_model=s.d_model, d_ff=s.d_ff,
                          expert_size=s.expert_size, num_experts=s.num_experts,
-                         tau=round(float(s.model_tau), 4), ffn_tau=round(float(s.tau), 4),
+                         tau=_short(s.model_tau), ffn_tau=_short(s.tau),
                          active_fraction=s.active_fraction()))
     return Report(rows)
+
+
+def _short(tau: torch.Tensor) -> float:
+    return float(f"{float(tau):.4g}")  # 4 significant digits: 1e-09 stays 1e-09

@@ -20,8 +20,11 @@ from tiny_models import tiny_model
     ({"calibration_tokens": 10}, ["'calibration_tokens'", ">= 64"]),
     ({"distill_epochs": -1}, ["'distill_epochs'", ">= 0", "-1"]),
     ({"distill_epochs": 1.5}, ["'distill_epochs'", "int", "float"]),
+    ({"seed": -1}, ["'seed'", ">= 0", "-1"]),
+    ({"seed": 2**64}, ["'seed'", "[0, 9223372036854775807]", str(2**64)]),
     ({"method": "top-k"}, ["'method'", "'prunepath'", "'topk'", "'static'", "'oracle'", "top-k"]),
     ({"calibration": [[1, 2, 3]]}, ["'calibration'", "torch.Tensor", "list"]),
+    ({"calibration": torch.zeros(4, 8, dtype=torch.long, device="meta")}, ["'calibration'", "meta"]),
 ])
 def test_bad_options_are_named(options, words):
     with pytest.raises(OptionError) as err:
@@ -78,4 +81,43 @@ def test_expert_size_must_divide_d_ff():
     compiled = torch.compile(model, backend="prunepath", options={
         "expert_size": 24, "calibration": torch.randint(0, 128, (8, 8))})
     with pytest.raises(Exception, match="'expert_size'=24 does not divide d_ff=64.*32"):
+        compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_numpy_tau_is_a_float():
+    np = pytest.importorskip("numpy")
+    assert Options.from_dict({"tau": np.float32(0.5)}).tau == 0.5
+
+
+def test_set_tau_before_the_first_call_warns_and_report_says_why_it_is_empty():
+    compiled = torch.compile(tiny_model("llama"), backend="prunepath", options={"tau": 0.9})
+    with pytest.warns(UserWarning, match="first call.*options=\\{'tau'"):
+        ppcompile.set_tau(compiled, 0.5)
+    assert "yet" in str(ppcompile.report(compiled))
+
+
+def test_plan_options_beside_a_plan_file_must_match_it(tmp_path):
+    model = tiny_model("llama")
+    calib = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (1, 8))
+    compiled = torch.compile(model, backend="prunepath", options={
+        "tau": 0.6, "calibration": calib, "expert_size": 8, "distill_epochs": 0})
+    compiled(ids)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    torch._dynamo.reset()
+    again = torch.compile(tiny_model("llama"), backend="prunepath",
+                          options={"plan": str(path), "expert_size": 16})
+    with pytest.raises(Exception, match="'expert_size'=16 differs from 8.*plan"):
+        again(ids)
+    torch._dynamo.reset()
+    same = torch.compile(tiny_model("llama"), backend="prunepath",
+                         options={"plan": str(path), "expert_size": 8, "distill_epochs": 0})
+    same(ids)
+
+
+def test_calibration_ids_outside_the_vocabulary_are_named():
+    compiled = torch.compile(tiny_model("llama"), backend="prunepath", options={
+        "calibration": torch.randint(1000, 2000, (8, 8))})  # the vocabulary has 128 tokens
+    with pytest.raises(Exception, match="option 'calibration'.*IndexError.*1\\d\\d\\d\\.\\.1\\d\\d\\d"):
         compiled(torch.randint(0, 128, (1, 8)))

@@ -22,8 +22,10 @@ import torch.fx as fx
 
 from .. import plan as plans
 from ..ffn import REGISTRY, SparseFFN
-from ..options import PLAN_FIELD_DEFAULTS, PLAN_FIELDS, OptionError
+from ..options import PLAN_FIELD_DEFAULTS, PLAN_FIELDS, OptionError, Options
 from .build_experts import permute_neurons_
+
+DEFAULTS = Options()
 
 
 def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -33,7 +35,9 @@ def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         path = str(opts.plan)
         todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=path)]
         if todo:
-            apply_plan(todo, *plans.load(path), ctx, path, strict=True)
+            header, tensors = plans.load(path)
+            _check_plan_options(header, ctx, path)
+            apply_plan(todo, header, tensors, ctx, path, strict=True)
         return gm
     todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=None)]
     if todo and opts.cache:
@@ -43,6 +47,20 @@ def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if path is not None:
             apply_plan(todo, *plans.load(path), ctx, str(path), strict=False)
     return gm
+
+
+def _check_plan_options(header, ctx, path):
+    """Plan options given beside a plan file must be those it was made with (it fixes them)."""
+    given = ctx.options_source
+    if isinstance(given, Options):
+        given = {k: getattr(given, k) for k in PLAN_FIELDS if getattr(given, k) != DEFAULTS[k]}
+    made = {**PLAN_FIELD_DEFAULTS, **header["options"]}
+    for name in PLAN_FIELDS:
+        if isinstance(given, dict) and name in given and name in made and given[name] != made[name]:
+            raise OptionError(
+                f"option '{name}'={given[name]!r} differs from {made[name]!r}, the value the plan "
+                f"{path!r} was made with (a plan fixes {', '.join(PLAN_FIELDS)}): leave "
+                f"'{name}' out, or plan anew without option 'plan'")
 
 
 def _attach_known(ffn, ctx, plan_file) -> bool:

@@ -54,7 +54,7 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     with torch.no_grad(), plan_precision(gm, [(f, f.weights(ctx.values)) for f in todo]):
         for index, inputs in enumerate(tqdm(batches, desc="ppcompile: calibrating", unit="batch",
                                             leave=False, disable=len(batches) < 2)):
-            out = observed(*inputs)
+            out = observed(*inputs) if index else _first_run(observed, inputs, ctx)
             if dense_bytes < keep_bytes:  # copies only while they may be kept
                 out = kept_outputs(out, inputs)
                 size = sum(t.numel() * t.element_size() for t in out)
@@ -68,6 +68,22 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     print(f"ppcompile: calibrated {len(todo)} FFNs on {sampler.total_rows} tokens "
           f"({len(batches)} batches) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return gm
+
+
+def _first_run(observed, inputs, ctx):
+    """The first calibration batch, whose failure is most likely the data's: say so."""
+    data = ctx.options.calibration
+    if data is None:  # the call's own inputs
+        return observed(*inputs)
+    try:
+        return observed(*inputs)
+    except Exception as err:
+        hint = ""
+        if not data.is_floating_point():
+            hint = f"; its ids span {int(data.min())}..{int(data.max())}: are they in the vocabulary?"
+        raise OptionError(
+            f"option 'calibration': the model failed on the calibration data "
+            f"({type(err).__name__}: {err}){hint}") from err
 
 
 def floating_outputs(out) -> list:
