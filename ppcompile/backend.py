@@ -18,7 +18,9 @@ from .passes import Context, PASSES, log, run_passes
 from .passes.lower_to_triton import is_column_major, relayout_
 from .passes.rewrite import extra_inputs
 
-_warned_frames = set()
+# graphs compiled dense warn once per model (its parameters: not again per recompile), and not
+# at all in a compile call whose other graphs have FFNs (a model's loss is often a graph of its own)
+_warned, _with_ffns = set(), set()
 
 
 def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
@@ -29,8 +31,10 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     gm = run_passes(work, ctx)
     layout = gm.meta.get("ppcompile_inputs", [])
     if not layout:
-        _warn_dense(gm)
+        _warn_dense(example_inputs, options)
         return inner_compile(dense, list(example_inputs), opts.cudagraphs)
+    if options is not None:
+        _with_ffns.add(id(options))
     sparse = SparseGraph(layout, dense, opts, options)
     relayout = gm.meta.get("ppcompile_relayout")
     if relayout:
@@ -159,10 +163,9 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _warn_dense(gm):
-    frame = gm.meta.get("dynamo_compile_id")
-    frame = getattr(frame, "frame_id", frame)
-    if frame is not None and frame in _warned_frames:
+def _warn_dense(example_inputs, options):
+    key = (id(options), tuple(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)))
+    if key in _warned or (options is not None and id(options) in _with_ffns):
         return
-    _warned_frames.add(frame)
+    _warned.add(key)
     warnings.warn("ppcompile: no FFN matched in this graph; it is compiled dense", stacklevel=2)

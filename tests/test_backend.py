@@ -246,6 +246,21 @@ def test_model_without_ffn_compiles_dense_with_one_warning():
     assert ppcompile.report(compiled).rows == []
 
 
+
+def test_dense_warning_is_per_model_and_not_for_a_sparse_models_loss_graph():
+    def warned(model, *args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(*args, **kwargs)
+        return [w for w in caught if "no FFN matched" in str(w.message)]
+
+    x = torch.randn(3, 8)
+    for model in (torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.nn.Sequential(torch.nn.Linear(8, 4))):
+        assert len(warned(torch.compile(model, backend="prunepath"), x)) == 1  # each model warns
+    lm = compile_model(tiny_model("gpt2"), tau=0.6)
+    assert warned(lm, IDS, labels=IDS) == []  # the loss may be a graph of its own, FFN-free
+
 def test_missing_calibration_warns_and_uses_first_inputs():
     model = tiny_model("gpt2")
     compiled = torch.compile(model, backend="prunepath", options={"expert_size": 8})
