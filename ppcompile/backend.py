@@ -51,6 +51,51 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     return sparse
 
 
+class WeightWatch:
+    """Notices FFN weights replaced in place after their plan was attached, e.g. load_state_dict
+    into a compiled model: a plan fits its weights only in the neuron order it put them in, and
+    the graph would go on computing with the old routers. Per call it reads the down weights'
+    version counters (cheap); where one moved, it compares a fixed sample of 64 of the weight's
+    values with the last one seen: a small change (a training step) passes, a replacement
+    raises, saying how to re-plan."""
+
+    SAMPLE = 64
+    REPLACED = 0.5  # relative change of the sample; a training step changes it by far less
+
+    def __init__(self, args, layout, states):
+        self.watched = []  # [position, version, sample indices, sample, FFN name]
+        for (_, down, _), state in zip(layout, states):
+            w = args[down]
+            try:
+                version = w._version
+            except RuntimeError:  # inference-mode tensors keep no version counter
+                continue
+            k = torch.arange(self.SAMPLE, device=w.device)
+            where = ((k * 7919) % w.shape[0], (k * 104729) % w.shape[1])
+            self.watched.append([down, version, where, self._sample(w, where), state.name])
+
+    @staticmethod
+    def _sample(w, where):
+        return w.detach()[where].double()
+
+    def check(self, args):
+        moved = [entry for entry in self.watched if args[entry[0]]._version != entry[1]]
+        if not moved:
+            return
+        now = [self._sample(args[down], where) for down, _, where, _, _ in moved]
+        changes = torch.stack([(a - entry[3]).norm() / entry[3].norm().clamp_min(1e-12)
+                               for a, entry in zip(now, moved)]).tolist()
+        for entry, sample, change in zip(moved, now, changes):
+            if change > self.REPLACED:
+                raise RuntimeError(
+                    f"ppcompile: the weights of FFN '{entry[4]}' were replaced in place since "
+                    "this model was compiled (load_state_dict?); its plan no longer fits them. "
+                    "Compile again (torch._dynamo.reset(), then torch.compile): the compile "
+                    "checks them, puts the same weights back in their plan's neuron order and "
+                    "plans other weights anew")
+            entry[1], entry[3] = args[entry[0]]._version, sample
+
+
 def inner_compile(gm: fx.GraphModule, example_inputs, cudagraphs=False):
     from torch._inductor.compile_fx import compile_fx
 
@@ -83,13 +128,16 @@ class SparseGraph:
         self.dense_compiled = None
         self.dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
                            for n in dense_gm.graph.nodes if n.op == "placeholder")
-        self._key, self._extras, self._states = None, None, []
+        self._key, self._extras, self._states, self._watch = None, None, [], None
 
     def __call__(self, *args):
         key = tuple(id(args[up]) for up, _, _ in self.layout)
         if key != self._key or any(e is None for e in self._extras):
             self._extras = self.extra_inputs(args)
             self._key = key
+            self._watch = WeightWatch(args, self.layout, self._states)
+        else:
+            self._watch.check(args)
         if not self.relayout and all(state.keeps_all for state in self._states):
             dense = self._dense(args)
             if dense is not None:

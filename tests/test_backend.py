@@ -187,6 +187,25 @@ def test_weights_loaded_into_a_compiled_model_are_checked_at_the_next_compile():
         compiled = compile_model(model, tau=1.0)
         assert rel_err(run(compiled), run(other)) < 1e-4
 
+
+def test_weights_replaced_in_a_compiled_model_are_refused_until_it_compiles_again():
+    """load_state_dict into a compiled model writes into the tensors its graph runs with: the
+    next call refuses them (the plan's order is gone), while a training-sized update passes."""
+    model = tiny_model("llama")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = compile_model(model, tau=0.6)
+    out = run(compiled)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(1 + 1e-3)  # a small step: still its plan's weights
+    run(compiled)
+    model.load_state_dict(original)
+    with pytest.raises(RuntimeError, match="replaced in place.*Compile again"):
+        run(compiled)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="permuted back"):
+        assert rel_err(run(compile_model(model, tau=0.6)), out) < 1e-5
+
 def test_new_plan_options_replan_and_stay_exact():
     model = tiny_model("llama")
     eager = run(model)
