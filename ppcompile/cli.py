@@ -32,10 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppcompile", description="PrunePath: sparse FFNs for Hugging Face transformers, "
         "through torch.compile(backend='prunepath').")
+    parser.add_argument("--version", action="version", version=f"ppcompile {_version()}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ppcompile")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -105,15 +115,29 @@ def run_demo(args) -> int:
     if model.get_output_embeddings() is None:
         sys.exit(f"ppcompile demo: {args.model} loads as {type(model).__name__}, which has no LM "
                  f"head; the demo measures perplexity and needs a causal LM")
+    width = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
+                    "intermediate_size", None)
+    if isinstance(width, int) and width % args.expert_size:
+        sys.exit(f"ppcompile demo: --expert-size {args.expert_size} does not divide the FFN width "
+                 f"{width} of {args.model}; divisors up to 64: "
+                 f"{', '.join(str(d) for d in range(1, 65) if width % d == 0)}")
     print(f"model: {args.model} ({type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
 
     with _phase("tokenize"):
         bos = evaluate.bos_for(model, tokenizer)
-        calib = evaluate.token_windows(tokenizer, texts["--calib-text"], args.seq_len,
-                                       _whole_batches(args.calib_windows, args.batch_size), bos)
-        evals = evaluate.token_windows(tokenizer, texts["--eval-text"], args.seq_len,
-                                       _whole_batches(args.eval_windows, args.batch_size), bos)
+        try:
+            calib = evaluate.token_windows(tokenizer, texts["--calib-text"], args.seq_len,
+                                           _whole_batches(args.calib_windows, args.batch_size), bos)
+            evals = evaluate.token_windows(tokenizer, texts["--eval-text"], args.seq_len,
+                                           _whole_batches(args.eval_windows, args.batch_size), bos)
+        except ValueError as e:  # a text too short for one window of --seq-len
+            sys.exit(f"ppcompile demo: {e}; lower --seq-len or give a longer text")
+    for flag, windows in (("--calib-text", calib), ("--eval-text", evals)):
+        if len(windows) < args.batch_size:
+            sys.exit(f"ppcompile demo: {flag} gives {len(windows)} windows of --seq-len "
+                     f"{args.seq_len} tokens, fewer than --batch-size {args.batch_size}: lower "
+                     "either, or give a longer text")
     print(f"calibration: {len(calib)} x {args.seq_len} tokens of {args.calib_text}")
     print(f"evaluation:  {len(evals)} x {args.seq_len} tokens of {args.eval_text}"
           + ("" if bos is None else f" (each window starts with BOS {bos})"))

@@ -99,7 +99,11 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, ro
     if not (path / "config.json").is_file():
         raise ValueError(f"ppcompile: {path} is not a Hugging Face model folder (no config.json)")
     model = _model_class(path).from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"ppcompile: {path} has no usable tokenizer (tokenizer.json or "
+                         f"tokenizer_config.json with its files): {err}") from err
     return model.eval(), tokenizer
 
 

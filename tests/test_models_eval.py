@@ -186,6 +186,38 @@ def test_demo_rejects_bad_arguments(capsys):
         cli.main(["demo", "--eval-windows", "4"])
 
 
+
+def _tiny_llama_folder(path, tokenizer=True):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(path)
+    if tokenizer:
+        vocab = {"[UNK]": 0, **{chr(97 + i): i + 1 for i in range(26)}}
+        tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_demo_names_what_a_local_model_lacks(tmp_path):
+    with pytest.raises(SystemExit, match="no usable tokenizer"):
+        cli.main(["demo", "--model", str(_tiny_llama_folder(tmp_path / "a", tokenizer=False))])
+    folder = _tiny_llama_folder(tmp_path / "b")  # FFN width 64
+    with pytest.raises(SystemExit, match="--expert-size 7 does not divide the FFN width 64.*1, 2, 4"):
+        cli.main(["demo", "--model", str(folder), "--expert-size", "7"])
+    with pytest.raises(SystemExit, match="lower --seq-len"):
+        cli.main(["demo", "--model", str(folder), "--seq-len", "10000000"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("ppcompile ")
+
 def test_bench_help_and_no_gpu(capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["bench", "--help"])
