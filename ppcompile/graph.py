@@ -40,7 +40,7 @@ def source_name(node: fx.Node) -> str:
     grapharg = node.meta.get("grapharg")
     if grapharg is not None and getattr(grapharg, "source", None) is not None:
         parts = re.findall(r"\['([^']*)'\]", grapharg.source.name)
-        if parts and parts[0] == "self":
+        if parts and parts[0] in ("self", "args"):  # the module (args[0] where forward is wrapped)
             parts = parts[1:]
         if parts:
             return ".".join(parts)

@@ -124,7 +124,8 @@ def graph_fingerprint(gm, ctx) -> str:
 
 def apply_plan(ffns, header, tensors, ctx, path, strict):
     """Give each FFN the plan's entry of the same name, after checking that it fits."""
-    entries = {e["name"]: (i, e) for i, e in enumerate(header["ffns"])}
+    # plans made before FFN names lost the 'args.' of wrapped forwards still match
+    entries = {e["name"].removeprefix("args."): (i, e) for i, e in enumerate(header["ffns"])}
     for ffn in ffns:
         if ffn.name not in entries:
             if not strict:
