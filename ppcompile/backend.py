@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from .ffn import REGISTRY
 from .graph import graph_tensors
-from .options import Options
+from .options import OptionError, Options
 from .passes import Context, PASSES, log, run_passes
 from .passes.lower_to_triton import is_column_major, relayout_
 from .passes.rewrite import extra_inputs
@@ -23,8 +23,13 @@ from .passes.rewrite import extra_inputs
 _warned, _with_ffns = set(), set()
 
 
-def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode=None):
     """torch.compile backend (registered by name through the `torch_dynamo_backends` entry point)."""
+    if mode not in (None, "default"):
+        raise OptionError(
+            f"torch.compile(mode={mode!r}) sets Inductor's own modes; the prunepath backend compiles "
+            "with Inductor and, on the GPU, replays CUDA graphs itself (option 'cudagraphs', "
+            "default True): leave mode out and pass options={...}")
     opts = Options.from_dict(options)
     dense, work = _copy(gm), _copy(gm)  # dynamo keeps using its own graph: we work on copies
     ctx = Context(list(example_inputs), graph_tensors(work, example_inputs), opts, options)
@@ -89,7 +94,8 @@ class WeightWatch:
             if change > self.REPLACED:
                 raise RuntimeError(
                     f"ppcompile: the weights of FFN '{entry[4]}' were replaced in place since "
-                    "this model was compiled (load_state_dict?); its plan no longer fits them. "
+                    "this model was compiled (load_state_dict, or a compile with other plan "
+                    "options that re-planned them); its plan no longer fits them. "
                     "Compile again (torch._dynamo.reset(), then torch.compile): the compile "
                     "checks them, puts the same weights back in their plan's neuron order and "
                     "plans other weights anew")

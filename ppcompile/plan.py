@@ -107,10 +107,12 @@ def _lexsort(columns: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def graph_fingerprint(tensors, signatures) -> str:
+def graph_fingerprint(tensors, signatures, structure: str = "") -> str:
     """Exact hash of a compiled graph's weights: FFN signatures plus the other parameters'
-    shapes and a sample of their values (enough to tell models apart, cheap for large ones)."""
-    h = hashlib.sha256()
+    shapes and a sample of their values (enough to tell models apart, cheap for large ones), and
+    the graph's `structure` (its operations: the same weights in another architecture, such as a
+    parallel residual, feed the FFNs other inputs and need their own plan)."""
+    h = hashlib.sha256(structure.encode())
     for sig in signatures:
         h.update(sig.float().numpy().tobytes())
     for t in tensors:

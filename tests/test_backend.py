@@ -206,6 +206,42 @@ def test_weights_replaced_in_a_compiled_model_are_refused_until_it_compiles_agai
     with pytest.warns(UserWarning, match="permuted back"):
         assert rel_err(run(compile_model(model, tau=0.6)), out) < 1e-5
 
+
+def test_encoder_decoder_with_other_lengths_calibrates_each_side():
+    """T5's encoder and decoder FFNs see different token counts per batch; the calibration data
+    feeds the encoder's input_ids (named), with a warning about decoder_input_ids."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(
+        d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=128,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    dec = IDS[:, :8].clone()
+    with torch.no_grad():
+        want = model(input_ids=IDS, decoder_input_ids=dec).logits
+    with pytest.warns(UserWarning, match="feeds input '.*input_ids.*decoder_input_ids"):
+        compiled = compile_model(model, tau=1.0)
+        with torch.no_grad():
+            got = compiled(input_ids=IDS, decoder_input_ids=dec).logits
+    assert rel_err(got, want) < 1e-4
+    assert len(ppcompile.report(compiled).rows) == 4
+    ppcompile.set_tau(compiled, 0.5)
+    with torch.no_grad():
+        assert compiled(input_ids=IDS, decoder_input_ids=dec).logits.isfinite().all()
+
+
+def test_plan_cache_tells_architectures_apart(monkeypatch):
+    """The same weights in another architecture (a parallel residual) feed the FFNs other inputs:
+    the cache does not hand one's plan to the other."""
+    calls = []
+    module = importlib.import_module("ppcompile.passes.calibrate")
+    real = module.calibration_batches
+    monkeypatch.setattr(module, "calibration_batches", lambda *a: calls.append(1) or real(*a))
+    for parallel in (False, True):
+        torch._dynamo.reset()
+        run(compile_model(tiny_model("gpt_neox", use_parallel_residual=parallel), tau=0.6))
+    assert calls == [1, 1]
+
 def test_new_plan_options_replan_and_stay_exact():
     model = tiny_model("llama")
     eager = run(model)

@@ -121,3 +121,9 @@ def test_calibration_ids_outside_the_vocabulary_are_named():
         "calibration": torch.randint(1000, 2000, (8, 8))})  # the vocabulary has 128 tokens
     with pytest.raises(Exception, match="option 'calibration'.*IndexError.*1\\d\\d\\d\\.\\.1\\d\\d\\d"):
         compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_inductor_modes_are_refused_with_what_to_use():
+    compiled = torch.compile(tiny_model("llama"), backend="prunepath", mode="reduce-overhead")
+    with pytest.raises(Exception, match="mode='reduce-overhead'.*'cudagraphs'"):
+        compiled(torch.randint(0, 128, (1, 8)))

@@ -523,6 +523,31 @@ def test_rewrite_replaces_each_ffn_by_one_sparse_node(family):
 
 
 
+
+def test_plan_precision_stays_float32_for_constants_beyond_bfloat16(monkeypatch):
+    """DeBERTa masks attention scores with float32's minimum, which bfloat16 cannot hold: the
+    plan passes' runs of such a graph stay in float32 even where bfloat16 is native."""
+    calibrate_module = importlib.import_module("ppcompile.passes.calibrate")
+    monkeypatch.setattr(calibrate_module, "cpu_multiplies_bf16", lambda: True)
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            x = x.masked_fill(x > 3, torch.finfo(torch.float32).min)
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+
+    x = torch.randn(2, 8, 16)
+    gm, example = capture(Masked().eval(), x)
+    weights = [(None, {"w_down": torch.zeros(2, 2)})]
+    assert calibrate_module.beyond_bf16(gm)
+    assert not calibrate_module.plan_precision(gm, weights)._enabled
+    gm_ok, _ = capture(_SharedFFN().eval(), x)
+    assert not calibrate_module.beyond_bf16(gm_ok)
+    assert calibrate_module.plan_precision(gm_ok, weights)._enabled
+
 class _SharedFFN(torch.nn.Module):
     """One GELU FFN module applied twice (shared weights), as weight-tied layers do."""
 

@@ -119,7 +119,9 @@ def graph_fingerprint(gm, ctx) -> str:
                 ffn_params.add(node)
     others = [v for n, v in ctx.values.items() if n.op in ("placeholder", "get_attr")
               and n not in ffn_params and isinstance(v, torch.nn.Parameter)]
-    return plans.graph_fingerprint(others, signatures)
+    structure = "\n".join(f"{n.op} {getattr(n.target, '__name__', n.target)}"
+                          for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return plans.graph_fingerprint(others, signatures, structure)
 
 
 def apply_plan(ffns, header, tensors, ctx, path, strict):
@@ -137,11 +139,15 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
         want = dict(kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model, d_ff=ffn.d_ff)
         got = {k: entry[k] for k in want}
         if got != want:
+            if not strict:  # a cached plan for another graph: plan this FFN afresh
+                continue
             raise OptionError(f"option 'plan': FFN '{ffn.name}' in {path!r} is {got}, "
                               f"but the model's is {want}")
         weights = ffn.weights(ctx.values)
         columns, stored = plans.neuron_columns(weights), tensors[f"{i}.signature"]
         if not plans.same_signature(plans.sorted_columns(columns), plans.sorted_columns(stored)):
+            if not strict:
+                continue
             raise OptionError(
                 f"option 'plan': {path!r} was made for other weights: FFN '{ffn.name}' does not "
                 f"match the plan's fingerprint (a plan fits only the weights it was made for)")

@@ -18,6 +18,7 @@ given seed.
 """
 from __future__ import annotations
 
+import math
 import operator
 import sys
 import time
@@ -182,7 +183,15 @@ def _calibration_input(placeholders, example, data) -> int:
             f"graph's inputs ({', '.join(inputs) or 'none'}); pass token ids [N, T] for a "
             f"language model, or tensors shaped like the module's first input")
     named = [i for i in candidates if "input_ids" in placeholders[i].name]
-    return (named or candidates)[0]
+    encoder = [i for i in named if "decoder_input_ids" not in placeholders[i].name]
+    index = (encoder or named or candidates)[0]
+    others = [placeholders[i].name for i in candidates if i != index]
+    if others:
+        warnings.warn(
+            f"ppcompile: the calibration data feeds input '{placeholders[index].name}'; "
+            f"{', '.join(map(repr, others))} keep this call's values in every calibration batch "
+            "(an encoder-decoder's decoder FFNs are calibrated on them)", stacklevel=3)
+    return index
 
 
 def _windows(data: torch.Tensor, shape) -> torch.Tensor:
@@ -203,27 +212,33 @@ def _windows(data: torch.Tensor, shape) -> torch.Tensor:
 
 
 class _Sampler:
-    """Keeps, per FFN, the rows (tokens) at a fixed random set of positions over all batches."""
+    """Keeps, per FFN, the rows (tokens) at a fixed random set of positions over all batches. FFNs
+    that see as many rows per batch share the positions; an encoder-decoder's decoder (or a
+    vision tower) may see another count than its encoder, and gets positions of its own."""
 
     def __init__(self, ffns, num_batches, options):
         self.ffns, self.num_batches, self.options = ffns, num_batches, options
-        self.batch, self.rows_per_batch, self.picks = 0, None, None
+        self.batch, self.picks = 0, {}  # rows per batch -> the positions picked in each batch
         self.parts = {ffn: {"x": [], "h": [], "weight": []} for ffn in ffns}
 
     @property
     def total_rows(self):
-        return (self.rows_per_batch or 0) * self.num_batches
+        return max(self.picks, default=0) * self.num_batches
+
+    def _picks(self, rows_per_batch):
+        if rows_per_batch not in self.picks:
+            total = rows_per_batch * self.num_batches
+            gen = torch.Generator().manual_seed(self.options.seed)
+            keep = min(self.options.calibration_tokens, total)
+            chosen = torch.randperm(total, generator=gen)[:keep].sort().values
+            self.picks[rows_per_batch] = [
+                chosen[(chosen >= b * rows_per_batch) & (chosen < (b + 1) * rows_per_batch)]
+                - b * rows_per_batch for b in range(self.num_batches)]
+        return self.picks[rows_per_batch]
 
     def add(self, ffn, x, h, contribution=None, total=None):
         x, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, ffn.d_ff)
-        if self.picks is None:
-            self.rows_per_batch = x.shape[0]
-            gen = torch.Generator().manual_seed(self.options.seed)
-            keep = min(self.options.calibration_tokens, self.total_rows)
-            chosen = torch.randperm(self.total_rows, generator=gen)[:keep].sort().values
-            self.picks = [chosen[(chosen >= b * x.shape[0]) & (chosen < (b + 1) * x.shape[0])]
-                          - b * x.shape[0] for b in range(self.num_batches)]
-        rows = self.picks[self.batch].to(x.device)
+        rows = self._picks(x.shape[0])[self.batch].to(x.device)
         self.parts[ffn]["x"].append(x.index_select(0, rows).float())
         self.parts[ffn]["h"].append(h.index_select(0, rows).float())
         weight = torch.ones(len(rows), device=x.device)
@@ -302,14 +317,16 @@ def plan_precision(gm: fx.GraphModule, planned):
     plans as good within the seed's noise (router_ablation.md, N). The routers' logits and
     selection are computed in float32 inside (no_autocast). Not for graphs that write into
     tensors in place (a static KV cache's index_copy_): bfloat16 results cannot be written into
-    their float32 buffers that way."""
+    their float32 buffers that way; nor for graphs holding a constant bfloat16 cannot represent
+    (DeBERTa masks scores with float32's minimum, which overflows bfloat16)."""
     weight = planned[0][1]["w_down"]
     device = weight.device
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:
         native = device.type == "cpu" and cpu_multiplies_bf16()
-    enabled = native and weight.dtype == torch.float32 and not writes_in_place(gm)
+    enabled = (native and weight.dtype == torch.float32 and not writes_in_place(gm)
+               and not beyond_bf16(gm))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(enabled))
 
 
@@ -321,6 +338,13 @@ def cpu_multiplies_bf16() -> bool:
     cpu = torch.cpu
     return any(getattr(cpu, name, bool)() for name in ("_is_amx_tile_supported",
                                                        "_is_avx512_bf16_supported"))
+
+
+def beyond_bf16(gm: fx.GraphModule) -> bool:
+    """Whether a node takes a float constant outside bfloat16's finite range."""
+    limit = torch.finfo(torch.bfloat16).max
+    return any(isinstance(a, float) and math.isfinite(a) and abs(a) > limit
+               for node in gm.graph.nodes for a in (*node.args, *node.kwargs.values()))
 
 
 def writes_in_place(gm: fx.GraphModule) -> bool:
