@@ -146,7 +146,13 @@ def calibration_batches(gm: fx.GraphModule, ctx) -> list[list]:
             stacklevel=2)
         return [example]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index = _calibration_input(placeholders, example, data)
+    index = _calibration_input(placeholders, example, data, ctx)
+    if index is None:
+        warnings.warn(
+            "ppcompile: the calibration data fits none of this graph's inputs, as in a graph that "
+            "starts inside the model after a graph break (an encoder-decoder's decoder): "
+            "calibrating it on this call's inputs only", stacklevel=2)
+        return [example]
     traced = example[index]
     windows = _windows(data, traced.shape).to(device=traced.device, dtype=traced.dtype)
     per_batch = traced.shape[0]
@@ -162,9 +168,15 @@ def calibration_batches(gm: fx.GraphModule, ctx) -> list[list]:
     return batches
 
 
-def _calibration_input(placeholders, example, data) -> int:
+# compile calls (their options dicts) whose calibration data fed one of their graphs
+_FED = set()
+
+
+def _calibration_input(placeholders, example, data, ctx) -> int | None:
     """Index of the graph input that the calibration data stands for: a user input (not a
-    parameter or buffer) of the same kind of dtype and trailing sizes; `input_ids` first."""
+    parameter or buffer) of the same kind of dtype and trailing sizes; `input_ids` first. None
+    where it fits no input of a graph whose compile call it fed before (a graph after a graph
+    break); where it never fed one, the option is wrong and refused."""
     candidates = []
     for i, (node, value) in enumerate(zip(placeholders, example)):
         if not is_user_input(node, value):
@@ -175,6 +187,8 @@ def _calibration_input(placeholders, example, data) -> int:
                 data.dim() not in (value.dim(), 1 if value.dim() == 2 else -1):
             continue
         candidates.append(i)
+    if not candidates and id(ctx.options_source) in _FED:
+        return None
     if not candidates:
         inputs = [f"{n.name} {tuple(v.shape)} {v.dtype}" for n, v in zip(placeholders, example)
                   if is_user_input(n, v)]
@@ -185,6 +199,7 @@ def _calibration_input(placeholders, example, data) -> int:
     named = [i for i in candidates if "input_ids" in placeholders[i].name]
     encoder = [i for i in named if "decoder_input_ids" not in placeholders[i].name]
     index = (encoder or named or candidates)[0]
+    _FED.add(id(ctx.options_source))
     others = [placeholders[i].name for i in candidates if i != index]
     if others:
         warnings.warn(
