@@ -1,7 +1,8 @@
 """Pass 6: end-to-end router fine-tuning, by distillation through the frozen model.
 
 Matches: FFNs whose plan train_routers made in this compile (they still hold their calibration
-sample), when options.distill_epochs > 0.
+sample), when options.distill_epochs > 0 and there are two calibration batches or more (with the
+call's own inputs only, there is nothing to hold out for the check).
 train_routers fits each router alone, to its FFN's expert output shares. Here all routers train
 together on what the model outputs:
 - a copy of the graph runs with each such FFN sparse, its output W_down (h * mask) with the
@@ -25,8 +26,8 @@ together on what the model outputs:
   at the model-wide tau, and on Gemma-3 fixing them cost 0.5-1% (router_ablation.md, Q);
 - Adam on the trained routers only, each one's lr DISTILL_LR / RMS of its FFN's input (so a step
   moves router logits alike whatever the input's scale), options.distill_epochs passes over the
-  calibration batches but the first (the check batch, held out when there are others, so that
-  the checks after training see tokens it did not fit), one update per >= TOKENS_PER_UPDATE
+  calibration batches but the first (the check batch, held out, so that the checks after
+  training see tokens it did not fit), one update per >= TOKENS_PER_UPDATE
   tokens, against the dense outputs calibrate kept (recomputed per batch where they did not fit
   its memory budget);
 - then the layer budget's tables are refitted on the trained routers (the budget check's verdict
@@ -84,6 +85,11 @@ def _distill(gm, ctx, planned):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batches = calibration_batches(gm, ctx)
+    if len(batches) < 2:
+        # one batch (the call's own inputs): training on the check batch could not be checked
+        print("ppcompile: router distillation skipped: a single calibration batch",
+              file=sys.stderr)
+        return
     check_tau = verdict["taus"][0]  # the lower of check_budget's active fractions
     # calibrate kept the dense outputs of the batches that fit (check_budget: batch 0 always);
     # check_budget ran batch 0 sparse at check_tau on the fitted routers
@@ -111,7 +117,7 @@ def _distill(gm, ctx, planned):
         data = opts.calibration
         tokens = data.shape[0] * data.shape[1] if data is not None and data.dim() >= 2 else 1
         per_update = max(1, math.ceil(TOKENS_PER_UPDATE * len(batches) / max(tokens, 1)))
-        train = list(range(1, len(batches))) or [0]
+        train = list(range(1, len(batches)))
         precision = plan_precision(gm, planned)
         frozen = [p for p in gm.parameters() if p.requires_grad]
         for p in frozen:
