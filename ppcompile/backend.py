@@ -68,7 +68,7 @@ class WeightWatch:
     REPLACED = 0.5  # relative change of the sample; a training step changes it by far less
 
     def __init__(self, args, layout, states):
-        self.watched = []  # [position, version, sample indices, sample, FFN name]
+        self.watched = []  # [down weight's position, its version, sample indices, sample, name]
         for (_, down, _), state in zip(layout, states):
             w = args[down]
             try:
@@ -77,19 +77,15 @@ class WeightWatch:
                 continue
             k = torch.arange(self.SAMPLE, device=w.device)
             where = ((k * 7919) % w.shape[0], (k * 104729) % w.shape[1])
-            self.watched.append([down, version, where, self._sample(w, where), state.name])
-
-    @staticmethod
-    def _sample(w, where):
-        return w.detach()[where].double()
+            self.watched.append([down, version, where, w.detach()[where].double(), state.name])
 
     def check(self, args):
         moved = [entry for entry in self.watched if args[entry[0]]._version != entry[1]]
         if not moved:
             return
-        now = [self._sample(args[down], where) for down, _, where, _, _ in moved]
-        changes = torch.stack([(a - entry[3]).norm() / entry[3].norm().clamp_min(1e-12)
-                               for a, entry in zip(now, moved)]).tolist()
+        now = [args[down].detach()[where].double() for down, _, where, _, _ in moved]
+        changes = torch.stack([(sample - seen).norm() / seen.norm().clamp_min(1e-12)
+                               for sample, (_, _, _, seen, _) in zip(now, moved)]).tolist()
         for entry, sample, change in zip(moved, now, changes):
             if change > self.REPLACED:
                 raise RuntimeError(

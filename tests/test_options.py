@@ -111,6 +111,11 @@ def test_plan_options_beside_a_plan_file_must_match_it(tmp_path):
     with pytest.raises(Exception, match="'expert_size'=16 differs from 8.*plan"):
         again(ids)
     torch._dynamo.reset()
+    as_options = torch.compile(tiny_model("llama"), backend="prunepath",
+                               options=Options(plan=str(path), expert_size=16))
+    with pytest.raises(Exception, match="'expert_size'=16 differs from 8.*plan"):
+        as_options(ids)
+    torch._dynamo.reset()
     same = torch.compile(tiny_model("llama"), backend="prunepath",
                          options={"plan": str(path), "expert_size": 8, "distill_epochs": 0})
     same(ids)

@@ -52,11 +52,12 @@ def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 def _check_plan_options(header, ctx, path):
     """Plan options given beside a plan file must be those it was made with (it fixes them)."""
     given = ctx.options_source
-    if isinstance(given, Options):
-        given = {k: getattr(given, k) for k in PLAN_FIELDS if getattr(given, k) != DEFAULTS[k]}
+    if isinstance(given, Options):  # no record of what was set: what differs from the default
+        given = {k: getattr(given, k) for k in PLAN_FIELDS
+                 if getattr(given, k) != getattr(DEFAULTS, k)}
     made = {**PLAN_FIELD_DEFAULTS, **header["options"]}
     for name in PLAN_FIELDS:
-        if isinstance(given, dict) and name in given and name in made and given[name] != made[name]:
+        if name in given and name in made and given[name] != made[name]:
             raise OptionError(
                 f"option '{name}'={given[name]!r} differs from {made[name]!r}, the value the plan "
                 f"{path!r} was made with (a plan fixes {', '.join(PLAN_FIELDS)}): leave "
@@ -82,10 +83,9 @@ def _in_plan_order(ffn, state, ctx) -> bool:
     Weights are found by identity, and load_state_dict writes into the same tensors: the same
     weights in another order are permuted back; other weights lose the plan."""
     weights = ffn.weights(ctx.values)
-    columns = plans.neuron_columns(weights)
-    if plans.same_columns(columns, state.signature):
+    order = plans.order_of(plans.neuron_columns(weights), state.signature, state.perm)
+    if order is not None and torch.equal(order, state.perm):
         return True
-    order = plans.order_of(columns, state.signature, state.perm)
     if order is not None:
         permute_neurons_(weights, torch.argsort(order)[state.perm])
         warnings.warn(f"ppcompile: the weights of FFN '{state.name}' were written in place since "

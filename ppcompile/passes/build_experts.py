@@ -92,7 +92,9 @@ def balanced_assign(score: torch.Tensor, capacity: int) -> torch.Tensor:
 
 def permute_neurons_(weights: dict, perm: torch.Tensor):
     """Reorder an FFN's intermediate neurons in place: rows of up/gate (and biases), columns of
-    down."""
+    down. The identity (weights already in that order) copies nothing."""
+    if torch.equal(perm.cpu(), torch.arange(len(perm))):
+        return
     with torch.no_grad():
         for key in ("w_up", "b_up", "w_gate", "b_gate"):
             t = weights[key]

@@ -74,11 +74,11 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 def _first_run(observed, inputs, ctx):
     """The first calibration batch, whose failure is most likely the data's: say so."""
     data = ctx.options.calibration
-    if data is None:  # the call's own inputs
-        return observed(*inputs)
     try:
         return observed(*inputs)
     except Exception as err:
+        if data is None:  # the call's own inputs: not the option's fault
+            raise
         hint = ""
         if not data.is_floating_point():
             hint = f"; its ids span {int(data.min())}..{int(data.max())}: are they in the vocabulary?"

@@ -30,9 +30,10 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     position = {n: i for i, n in enumerate(placeholders)}
     last = placeholders[-1]
     layout, extras = [], {}
-    twins = gm.meta.get("ppcompile_twins", [])
-    for ffn in [*gm.meta["ppcompile_ffns"], *(twin for twin, _ in twins)]:
-        first = next((f for twin, f in twins if twin is ffn), None)
+    first_of = {id(twin): first for twin, first in gm.meta.get("ppcompile_twins", [])}
+    twins = [twin for twin, _ in gm.meta.get("ppcompile_twins", [])]
+    for ffn in [*gm.meta["ppcompile_ffns"], *twins]:
+        first = first_of.get(id(ffn))
         if first is not None:
             ffn.state = first.state
         if ffn.state is None:
