@@ -250,18 +250,18 @@ def _router_kernel(
 
 
 @triton.jit
-def _append_first(old, bits, lcount_ptr, list_ptr, m, E, experts):
+def _append_first(old, bits, count_ptr, list_ptr, m, E, experts):
     """Experts that this program made kept in tile m for the first time (old: bits before the
     OR) go to the end of the tile's list: one atomic per program reserves their slots."""
     first = (bits != 0) & (old == 0)
     n_first = tl.sum(first.to(tl.int32), axis=0)
-    base = tl.atomic_add(lcount_ptr + m, n_first, sem="relaxed")
+    base = tl.atomic_add(count_ptr + m, n_first.to(tl.int64), sem="relaxed").to(tl.int32)
     slot = base + tl.cumsum(first.to(tl.int32), axis=0) - 1
     tl.store(list_ptr + m * E + slot, experts, mask=first)
 
 
 @triton.jit
-def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, lcount_ptr, list_ptr,
+def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
                           N, E, S,
                           TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_N: tl.constexpr,
                           E_PAD: tl.constexpr, SPLIT: tl.constexpr, LIST: tl.constexpr):
@@ -281,13 +281,13 @@ def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, lcount_ptr,
     old = tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits,
                        mask=(cols < E) & (bits != 0), sem="relaxed")
     if LIST:
-        _append_first(old, bits, lcount_ptr, list_ptr, row0 // TILE_M, E, cols)
+        _append_first(old, bits, bits_ptr + LIST_COUNTS, list_ptr, row0 // TILE_M, E, cols)
     n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
 
 
 @triton.jit
-def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, lcount_ptr, list_ptr,
+def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
                             N, E, S,
                             TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_E: tl.constexpr,
                             E_PAD: tl.constexpr, SPLIT: tl.constexpr, LIST: tl.constexpr):
@@ -336,7 +336,7 @@ def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, lcount_pt
     bit = tl.where(keep, tl.full([SEL_E], 1, tl.int64) << (n % TILE_M).to(tl.int64), 0)
     old = tl.atomic_or(bits_ptr + (n // TILE_M) * E + mine, bit, mask=keep, sem="relaxed")
     if LIST:
-        _append_first(old, bit, lcount_ptr, list_ptr, n // TILE_M, E, mine)
+        _append_first(old, bit, bits_ptr + LIST_COUNTS, list_ptr, n // TILE_M, E, mine)
     n_kept = tl.sum(keep.to(tl.int32), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
 
@@ -347,7 +347,7 @@ def _up_kernel(
     wu_ptr, stride_uf, stride_uk, bu_ptr,
     wg_ptr, stride_gf, stride_gk, bg_ptr,
     wd_ptr, stride_do, stride_df, bd_ptr,
-    logits_ptr, tau_ptr, bits_ptr, counts_ptr, lcount_ptr, list_ptr,
+    logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
     h_ptr, acc_ptr, counter_ptr, y_ptr, scr_e_ptr, scr_b_ptr,
     N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
@@ -397,7 +397,7 @@ def _up_kernel(
     # this program's compact neurons [q_start, q_end), balanced to UNIT neurons
     if LISTED:
         # the selection kernel listed the tile's kept experts: their count is all it takes
-        n_active = tl.where(sparse, tl.load(lcount_ptr + m), E) * S
+        n_active = tl.where(sparse, tl.load(bits_ptr + LIST_COUNTS + m).to(tl.int32), E) * S
     else:
         active = bits != 0
         n_active = tl.sum(active.to(tl.int32), axis=0) * S
@@ -803,13 +803,12 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     need_acc = p.fuse_down or split_down
     n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
     logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
-    bits = _empty((n_mtiles, n_exp), torch.int64, dev)
+    bits = _empty((n_mtiles * n_exp + (n_mtiles if p.up_list else 0),), torch.int64, dev)
     y = _empty((n, d_out), dtype, dev)
     acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
-    # int32 workspace: arrival counters, then (up_list) each tile's count of listed experts
-    n_lists = n_mtiles if p.up_list else 0
-    counters = _empty((max(1, n_counters + n_lists),), torch.int32, dev)
-    lcount = counters[n_counters:] if p.up_list else dummy(torch.int32)
+    counters = _empty((max(1, n_counters),), torch.int32, dev)
+    # up_list: the tiles' kept experts in the order they were found, their counts after bits
+    # (zeroed with them; one buffer, not a view: Inductor copies slices of mutated buffers)
     listed = _empty((n_mtiles * n_exp,), torch.int32, dev) if p.up_list else dummy(torch.int32)
     h = dummy(dtype) if p.fuse_down else _empty((n, d_ff), dtype, dev)
 
@@ -827,13 +826,12 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
     n_zero_bits = 0 if p.select == "fused" else bits.numel()
     n_zero_acc = acc.numel() if need_acc else 0
-    n_zero_i32 = n_counters + n_lists
-    n_zero = max(n_zero_bits, n_zero_acc, n_zero_i32, 1)
+    n_zero = max(n_zero_bits, n_zero_acc, n_counters, 1)
     zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
     wrap_triton(_router_kernel)[r_grid](
         x2d, x2d.stride(0), x2d.stride(1), router_w, router_w.stride(0), router_w.stride(1),
         router_b, logits, tau, counts,
-        bits, n_zero_bits, acc, n_zero_acc, counters, n_zero_i32,
+        bits, n_zero_bits, acc, n_zero_acc, counters, n_counters,
         n, d, n_exp,
         USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
         BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k,
@@ -844,13 +842,13 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     # 2. selection
     if p.select == "sorted":
         wrap_triton(_select_sorted_kernel)[(triton.cdiv(n, p.sel_n),)](
-            logits, tau, bits, counts, lcount, listed, n, n_exp, s,
+            logits, tau, bits, counts, listed, n_mtiles * n_exp, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, SPLIT=p.router_split,
             LIST=p.up_list, num_warps=p.sel_warps,
         )
     elif p.select == "pairwise":
         wrap_triton(_select_pairwise_kernel)[(n, triton.cdiv(n_exp, p.sel_e))](
-            logits, tau, bits, counts, lcount, listed, n, n_exp, s,
+            logits, tau, bits, counts, listed, n_mtiles * n_exp, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_E=p.sel_e, E_PAD=e_pad, SPLIT=p.router_split,
             LIST=p.up_list, num_warps=p.sel_warps,
         )
@@ -864,7 +862,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
         wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
         w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
-        logits, tau, bits, counts, lcount, listed,
+        logits, tau, bits, counts, listed, n_mtiles * n_exp,
         h, acc, counters, y, scr_e, scr_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
@@ -891,5 +889,5 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
             E_PAD=e_pad, MAXE=down_maxe, KS=p.down_ks,
             num_warps=p.down_warps, num_stages=p.down_stages,
         )
-    return y, bits
+    return y, bits[:n_mtiles * n_exp].view(n_mtiles, n_exp)
 
