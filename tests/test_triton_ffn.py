@@ -218,6 +218,13 @@ PLANS = [
     (40, dict(tile_m=32, up_sub=16, up_unit=1, up_programs=7)),  # unaligned neuron slices
     (40, dict(kind="decode")),                                   # the other plan of each size
     (8, dict(kind="prefill")),
+    # the up kernel finds the kept experts from bits (scratch rows) instead of the list the
+    # selection kernel wrote (up_list), and lists in several tiles and in the prefill plan
+    (2, dict(select="pairwise", sel_e=4, up_list=False)),
+    (8, dict(up_list=False)),
+    (40, dict(kind="decode", tile_m=16, sel_n=4)),
+    (40, dict(kind="decode", tile_m=16, select="pairwise", sel_e=2)),
+    (8, dict(kind="prefill", up_list=True)),
 ]
 
 
@@ -421,6 +428,14 @@ def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
         assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "pairwise")
     if n > 2:
         assert p.select == "sorted"
+    # a selection kernel lists the kept experts for the up kernel; the fused selection cannot
+    decode = kind == "decode" or (kind is None and n <= triton_ffn.DECODE_MAX_N)
+    assert p.up_list == (decode and p.select != "fused")
+
+
+def test_plan_refuses_a_list_without_a_selection_kernel():
+    with pytest.raises(ValueError, match="up_list needs a selection kernel"):
+        triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, select="fused", up_list=True)
 
 
 def test_plan_refuses_the_wide_cuda_core_down_kernel():

@@ -250,9 +250,21 @@ def _router_kernel(
 
 
 @triton.jit
-def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+def _append_first(old, bits, count_ptr, list_ptr, m, E, experts):
+    """Experts that this program made kept in tile m for the first time (old: bits before the
+    OR) go to the end of the tile's list: one atomic per program reserves their slots."""
+    first = (bits != 0) & (old == 0)
+    n_first = tl.sum(first.to(tl.int32), axis=0)
+    base = tl.atomic_add(count_ptr + m, n_first.to(tl.int64), sem="relaxed").to(tl.int32)
+    slot = base + tl.cumsum(first.to(tl.int32), axis=0) - 1
+    tl.store(list_ptr + m * E + slot, experts, mask=first)
+
+
+@triton.jit
+def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
+                          N, E, S,
                           TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_N: tl.constexpr,
-                          E_PAD: tl.constexpr, SPLIT: tl.constexpr):
+                          E_PAD: tl.constexpr, SPLIT: tl.constexpr, LIST: tl.constexpr):
     # SEL_N tokens per program, each sorting its E experts (_select); SEL_N divides TILE_M: all
     # tokens of a program belong to one tile
     row0 = tl.program_id(0) * SEL_N
@@ -266,16 +278,19 @@ def _select_sorted_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
     logits = tl.where(valid, logits, float("-inf"))
     keep = _select(logits, valid, rows < N, tl.load(tau_ptr), E, TOPK)
     bits = _token_bits(keep, rows % TILE_M, SEL_N)
-    tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits, mask=(cols < E) & (bits != 0),
-                 sem="relaxed")
+    old = tl.atomic_or(bits_ptr + (row0 // TILE_M) * E + cols, bits,
+                       mask=(cols < E) & (bits != 0), sem="relaxed")
+    if LIST:
+        _append_first(old, bits, bits_ptr + LIST_COUNTS, list_ptr, row0 // TILE_M, E, cols)
     n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
 
 
 @triton.jit
-def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
+def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
+                            N, E, S,
                             TOPK: tl.constexpr, TILE_M: tl.constexpr, SEL_E: tl.constexpr,
-                            E_PAD: tl.constexpr, SPLIT: tl.constexpr):
+                            E_PAD: tl.constexpr, SPLIT: tl.constexpr, LIST: tl.constexpr):
     """Program (token n, block b) decides experts [b * SEL_E, (b + 1) * SEL_E) of token n without
     sorting: expert i is kept iff the weight of the experts ranked above it is below the cut,
     "above" meaning a higher score, or the same score and a lower index (the reference's stable
@@ -318,8 +333,10 @@ def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, N, E, S,
         above = above & col_ok[None, :] & (cols[None, :] != mine[:, None])
         weight_above = tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
         keep = mine_ok & (weight_above < cut)
-    bit = tl.full([SEL_E], 1, tl.int64) << (n % TILE_M).to(tl.int64)
-    tl.atomic_or(bits_ptr + (n // TILE_M) * E + mine, bit, mask=keep, sem="relaxed")
+    bit = tl.where(keep, tl.full([SEL_E], 1, tl.int64) << (n % TILE_M).to(tl.int64), 0)
+    old = tl.atomic_or(bits_ptr + (n // TILE_M) * E + mine, bit, mask=keep, sem="relaxed")
+    if LIST:
+        _append_first(old, bit, bits_ptr + LIST_COUNTS, list_ptr, n // TILE_M, E, mine)
     n_kept = tl.sum(keep.to(tl.int32), axis=0)
     tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
 
@@ -330,15 +347,16 @@ def _up_kernel(
     wu_ptr, stride_uf, stride_uk, bu_ptr,
     wg_ptr, stride_gf, stride_gk, bg_ptr,
     wd_ptr, stride_do, stride_df, bd_ptr,
-    logits_ptr, tau_ptr, bits_ptr, counts_ptr,
+    logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
     h_ptr, acc_ptr, counter_ptr, y_ptr, scr_e_ptr, scr_b_ptr,
     N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
-    TOPK: tl.constexpr, FUSED_SELECT: tl.constexpr, FUSE_DOWN: tl.constexpr,
+    TOPK: tl.constexpr, FUSED_SELECT: tl.constexpr, LISTED: tl.constexpr, FUSE_DOWN: tl.constexpr,
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, UNIT: tl.constexpr,
+    DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, MAXE_PAD: tl.constexpr,
+    UNIT: tl.constexpr,
     R_SPLIT: tl.constexpr,
 ):
     # K_STEPS = cdiv(D, BLOCK_K) as a constant: with one step the K loop disappears and all of a
@@ -372,25 +390,40 @@ def _up_kernel(
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
             n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
             tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
-    else:
+    elif not LISTED:
         # (masks through tl.where: the interpreter cannot AND a mask with a loaded scalar)
         bits = tl.load(bits_ptr + m * E + eidx, mask=tl.where(sparse, eidx < E, False), other=0)
         bits = tl.where(sparse, bits, tl.where(eidx < E, -1, 0))  # -1: every token of the tile
 
     # this program's compact neurons [q_start, q_end), balanced to UNIT neurons
-    active = bits != 0
-    n_active = tl.sum(active.to(tl.int32), axis=0) * S
+    if LISTED:
+        # the selection kernel listed the tile's kept experts: their count is all it takes
+        n_active = tl.where(sparse, tl.load(bits_ptr + LIST_COUNTS + m).to(tl.int32), E) * S
+    else:
+        active = bits != 0
+        n_active = tl.sum(active.to(tl.int32), axis=0) * S
     n_units = tl.cdiv(n_active, UNIT)
     q_start = (p * n_units // P) * UNIT
     q_end = tl.minimum(((p + 1) * n_units // P) * UNIT, n_active)
-    # stage ids and token bits of the experts it touches in its scratch row: a scatter and a
-    # barrier instead of a reduction over all experts per neuron block
+    # stage ids and token bits of the experts it touches in its scratch row, then a barrier:
+    # the loop reads them from there (its loads stay independent of each other; reading the
+    # list and bits in the loop made the one-token stream slower, GPU_RUNS.md run 92)
     r0 = q_start // S
-    rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
-    staged = tl.where(sparse, active & (rank >= r0) & (rank < r0 + MAXE), False)
     scr = (m * P + p) * MAXE - r0
-    tl.store(scr_e_ptr + scr + rank, eidx, mask=staged)
-    tl.store(scr_b_ptr + scr + rank, bits, mask=staged)
+    if LISTED:
+        # the few list entries this program touches
+        j = r0 + tl.arange(0, MAXE_PAD)
+        listed_ok = tl.where(sparse, (j < r0 + MAXE) & (j * S < n_active), False)
+        e_j = tl.load(list_ptr + m * E + j, mask=listed_ok, other=0)
+        tl.store(scr_e_ptr + scr + j, e_j, mask=listed_ok)
+        tl.store(scr_b_ptr + scr + j, tl.load(bits_ptr + m * E + e_j, mask=listed_ok, other=0),
+                 mask=listed_ok)
+    else:
+        # a scatter by rank instead of a reduction over all experts per neuron block
+        rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
+        staged = tl.where(sparse, active & (rank >= r0) & (rank < r0 + MAXE), False)
+        tl.store(scr_e_ptr + scr + rank, eidx, mask=staged)
+        tl.store(scr_b_ptr + scr + rank, bits, mask=staged)
     tl.debug_barrier()
 
     kk = tl.arange(0, BLOCK_K)
@@ -534,6 +567,7 @@ class Plan:
     sel_n: int              # tokens per program of _select_sorted_kernel
     sel_e: int              # experts per program of _select_pairwise_kernel (one token each)
     sel_warps: int
+    up_list: bool           # the selection kernel lists each tile's kept experts for _up_kernel
     up_programs: int        # programs per token tile of _up_kernel
     up_sub: int             # compact neurons per step
     up_block_k: int
@@ -650,7 +684,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             up_dot=True, down_dot=True, router_dot=True,
             router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
             router_split=1,
-            sel_n=max(1, min(16, 8192 // e_pad)), sel_e=sel_e, sel_warps=4,
+            sel_n=max(1, min(16, 8192 // e_pad)), sel_e=sel_e, sel_warps=4, up_list=False,
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
             up_unit=up_sub, up_warps=4, up_stages=3,
             down_block_q=64, down_block_d=128,
@@ -658,6 +692,10 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         )
     else:
         raise ValueError(f"plan: kind must be 'decode' or 'prefill', got {kind!r}")
+    if kind == "decode":
+        # a selection kernel lists the kept experts: the up kernel's prologue is then one load
+        # instead of a cumsum over E, scratch rows and a barrier (GPU_RUNS.md, run 91)
+        base["up_list"] = overrides.get("select", base["select"]) != "fused"
     base.update(overrides)
     p = Plan(**base)
     _check(p, n_tokens)
@@ -677,6 +715,8 @@ def _check(p: Plan, n_tokens: int):
                          f"of sel_n={p.sel_n}")
     if p.select not in SELECTIONS:
         raise ValueError(f"plan: select={p.select!r}; allowed: {', '.join(SELECTIONS)}")
+    if p.up_list and p.select == "fused":
+        raise ValueError("plan: up_list needs a selection kernel (select 'sorted' or 'pairwise')")
     if p.select == "fused" and n_tokens > p.tile_m:
         raise ValueError("plan: select='fused' needs all tokens in one tile")
     if not p.fuse_down and not p.down_dot and p.tile_m > 8:
@@ -769,10 +809,13 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     need_acc = p.fuse_down or split_down
     n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
     logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
-    bits = _empty((n_mtiles, n_exp), torch.int64, dev)
+    bits = _empty((n_mtiles * n_exp + (n_mtiles if p.up_list else 0),), torch.int64, dev)
     y = _empty((n, d_out), dtype, dev)
     acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
     counters = _empty((max(1, n_counters),), torch.int32, dev)
+    # up_list: the tiles' kept experts in the order they were found, their counts after bits
+    # (zeroed with them; one buffer, not a view: Inductor copies slices of mutated buffers)
+    listed = _empty((n_mtiles * n_exp,), torch.int32, dev) if p.up_list else dummy(torch.int32)
     h = dummy(dtype) if p.fuse_down else _empty((n, d_ff), dtype, dev)
 
     # scratch rows: the experts one program touches (see _up_kernel)
@@ -804,15 +847,15 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     # 2. selection
     if p.select == "sorted":
         wrap_triton(_select_sorted_kernel)[(triton.cdiv(n, p.sel_n),)](
-            logits, tau, bits, counts, n, n_exp, s,
+            logits, tau, bits, counts, listed, n_mtiles * n_exp, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, SPLIT=p.router_split,
-            num_warps=p.sel_warps,
+            LIST=p.up_list, num_warps=p.sel_warps,
         )
     elif p.select == "pairwise":
         wrap_triton(_select_pairwise_kernel)[(n, triton.cdiv(n_exp, p.sel_e))](
-            logits, tau, bits, counts, n, n_exp, s,
+            logits, tau, bits, counts, listed, n_mtiles * n_exp, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_E=p.sel_e, E_PAD=e_pad, SPLIT=p.router_split,
-            num_warps=p.sel_warps,
+            LIST=p.up_list, num_warps=p.sel_warps,
         )
 
     # 3. up (+ down when fused)
@@ -824,16 +867,17 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
         wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
         w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
-        logits, tau, bits, counts,
+        logits, tau, bits, counts, listed, n_mtiles * n_exp,
         h, acc, counters, y, scr_e, scr_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
-        TOPK=topk, FUSED_SELECT=p.select == "fused", FUSE_DOWN=p.fuse_down, USE_DOT=p.up_dot,
+        TOPK=topk, FUSED_SELECT=p.select == "fused", LISTED=p.up_list, FUSE_DOWN=p.fuse_down,
+        USE_DOT=p.up_dot,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
-        E_PAD=e_pad, MAXE=up_maxe, UNIT=p.up_unit, R_SPLIT=p.router_split,
+        E_PAD=e_pad, MAXE=up_maxe, MAXE_PAD=_pow2(up_maxe), UNIT=p.up_unit, R_SPLIT=p.router_split,
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
 
@@ -850,5 +894,5 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
             E_PAD=e_pad, MAXE=down_maxe, KS=p.down_ks,
             num_warps=p.down_warps, num_stages=p.down_stages,
         )
-    return y, bits
+    return y, bits[:n_mtiles * n_exp].view(n_mtiles, n_exp)
 
