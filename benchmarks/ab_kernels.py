@@ -68,12 +68,12 @@ DEFAULT_CASES = [
     (4096, 11008, 1, 16, [0.25, 0.5, 1.0], {}), (2048, 8192, 1, 16, [0.25, 1.0], {}),
     (576, 1536, 1, 16, [0.25, 1.0], {}), (4096, 14336, 8, 16, [0.25, 1.0], {}),
 ]
-# the selection kernels' list of kept experts (up_list) against the up kernel's own cumsum over
-# the experts (GPU_RUNS.md, runs 91-92)
-_NO_LIST = {"no list": dict(up_list=False)}
+# the pairwise selection's list of kept experts (up_list) against the up kernel's own cumsum
+# over the experts (GPU_RUNS.md, runs 91-94)
+_LIST = {"list": dict(up_list=True), "no list": dict(up_list=False)}
 LIST_CASES = [
-    (4096, 14336, 1, 16, [0.25, 0.5, 1.0], _NO_LIST), (4096, 14336, 1, 8, [0.25, 1.0], _NO_LIST),
-    (4096, 11008, 1, 16, [0.25], _NO_LIST), (4096, 14336, 8, 16, [0.25, 1.0], _NO_LIST),
+    (4096, 14336, 1, 16, [0.25, 0.5], _LIST), (4096, 14336, 1, 8, [0.25, 0.5, 1.0], _LIST),
+    (4096, 11008, 1, 8, [0.25, 0.5], _LIST), (4096, 11008, 1, 16, [0.25], _LIST),
 ]
 CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CASES,
              "list": LIST_CASES}

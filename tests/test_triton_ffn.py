@@ -218,12 +218,13 @@ PLANS = [
     (40, dict(tile_m=32, up_sub=16, up_unit=1, up_programs=7)),  # unaligned neuron slices
     (40, dict(kind="decode")),                                   # the other plan of each size
     (8, dict(kind="prefill")),
-    # the up kernel finds the kept experts from bits (scratch rows) instead of the list the
-    # selection kernel wrote (up_list), and lists in several tiles and in the prefill plan
-    (2, dict(select="pairwise", sel_e=4, up_list=False)),
-    (8, dict(up_list=False)),
-    (40, dict(kind="decode", tile_m=16, sel_n=4)),
-    (40, dict(kind="decode", tile_m=16, select="pairwise", sel_e=2)),
+    # the up kernel reads the kept experts from the list the selection kernel wrote (up_list,
+    # the default only past LIST_ABOVE experts), also in several tiles and in the prefill plan
+    (2, dict(select="pairwise", sel_e=4, up_list=True)),
+    (1, dict(select="pairwise", up_list=True)),
+    (8, dict(up_list=True)),
+    (40, dict(kind="decode", tile_m=16, sel_n=4, up_list=True)),
+    (40, dict(kind="decode", tile_m=16, select="pairwise", sel_e=2, up_list=True)),
     (8, dict(kind="prefill", up_list=True)),
 ]
 
@@ -293,6 +294,7 @@ def test_ties_go_to_lower_index(n):
 
 
 @pytest.mark.parametrize("n, config", [(1, {"select": "fused"}), (1, {"select": "pairwise"}),
+                                       (1, {"select": "pairwise", "up_list": True}),
                                        (8, {"select": "sorted"}), (8, {"select": "pairwise"})])
 @pytest.mark.parametrize("kind", ["peaked", "tied_groups", "wide"])
 @pytest.mark.parametrize("method", ["prunepath", "topk"])
@@ -428,9 +430,10 @@ def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
         assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "pairwise")
     if n > 2:
         assert p.select == "sorted"
-    # a selection kernel lists the kept experts for the up kernel; the fused selection cannot
+    # the pairwise selection lists the kept experts for the up kernel past LIST_ABOVE experts
     decode = kind == "decode" or (kind is None and n <= triton_ffn.DECODE_MAX_N)
-    assert p.up_list == (decode and p.select != "fused")
+    assert p.up_list == (decode and p.select == "pairwise"
+                         and triton.next_power_of_2(d_ff // s) > triton_ffn.LIST_ABOVE)
 
 
 def test_plan_refuses_a_list_without_a_selection_kernel():

@@ -53,6 +53,7 @@ DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token til
 # cuBLAS took 139 / 144 / 179 / 491 us at 16 / 64 / 256 / 1024 tokens against 224 / 226 / 624 /
 # 1482 us for the best kernel plan (benchmarks/results/kernels_prefill.json).
 DENSE_ABOVE = 16
+LIST_ABOVE = 1024       # more (padded) experts than this: the pairwise selection lists the kept
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
 MAX_TILE_TOKENS = 64    # bits are int64
 MAX_OFFSET = 2 ** 31    # kernels index with int32: tokens x widths, and weights, stay below
@@ -693,9 +694,12 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
     else:
         raise ValueError(f"plan: kind must be 'decode' or 'prefill', got {kind!r}")
     if kind == "decode":
-        # a selection kernel lists the kept experts: the up kernel's prologue is then one load
-        # instead of a cumsum over E, scratch rows and a barrier (GPU_RUNS.md, run 91)
-        base["up_list"] = overrides.get("select", base["select"]) != "fused"
+        # the pairwise selection lists the kept experts and each up program copies its few
+        # entries instead of a cumsum over E: faster with 1792 experts (4096x14336 s8, one token:
+        # 49.4 -> 47.2 us at 25% active, 118.1 -> 114.2 at 100%), slower with 896 or 688 (39.7 ->
+        # 43.5 and 35.8 -> 37.2 us at 25%) for reasons not found (GPU_RUNS.md, runs 92-94)
+        base["up_list"] = (overrides.get("select", base["select"]) == "pairwise"
+                           and e_pad > LIST_ABOVE)
     base.update(overrides)
     p = Plan(**base)
     _check(p, n_tokens)
