@@ -4,8 +4,9 @@ Same semantics and signature as `reference.sparse_ffn_reference` (read it first)
 the numbers behind the choices are in benchmarks/KERNELS.md; in short:
 
 * Everything the experts do happens in "compact neuron space": per tile of tokens, the experts
-  kept by at least one token of the tile (the tile's *union*), in ascending order, give positions
-  q = rank * s + j (j < s) to their neurons. Work is split over q, so every program gets the same
+  kept by at least one token of the tile (the tile's *union*), in ascending order (or in the order
+  the pairwise selection listed them, `Plan.up_list`), give positions q = rank * s + j (j < s) to
+  their neurons. Work is split over q, so every program gets the same
   number of active neurons whatever tau selects, and no work is launched for dropped experts.
 * Which experts a tile keeps travels as `bits` [tiles, E] int64: bit t of bits[m, e] says that
   token t of tile m keeps expert e (so a tile has at most 64 tokens).
@@ -695,9 +696,9 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         raise ValueError(f"plan: kind must be 'decode' or 'prefill', got {kind!r}")
     if kind == "decode":
         # the pairwise selection lists the kept experts and each up program copies its few
-        # entries instead of a cumsum over E: faster with 1792 experts (4096x14336 s8, one token:
-        # 49.4 -> 47.2 us at 25% active, 118.1 -> 114.2 at 100%), slower with 896 or 688 (39.7 ->
-        # 43.5 and 35.8 -> 37.2 us at 25%) for reasons not found (GPU_RUNS.md, runs 92-94)
+        # entries instead of a cumsum over E: faster with 1376-1792 experts (4096x14336 s8, one
+        # token: 49.9 -> 47.5 us at 25% active, 76.8 -> 73.9 at 50%), slower with 688-896
+        # (4096x14336 s16: 41.7 -> 43.8 us at 25%) for reasons not found (GPU_RUNS.md, run 94)
         base["up_list"] = (overrides.get("select", base["select"]) == "pairwise"
                            and e_pad > LIST_ABOVE)
     base.update(overrides)
@@ -881,7 +882,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
-        E_PAD=e_pad, MAXE=up_maxe, MAXE_PAD=_pow2(up_maxe), UNIT=p.up_unit, R_SPLIT=p.router_split,
+        E_PAD=e_pad, MAXE=up_maxe, MAXE_PAD=_pow2(up_maxe), UNIT=p.up_unit,
+        R_SPLIT=p.router_split,
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
 
