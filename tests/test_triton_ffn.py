@@ -494,12 +494,14 @@ def test_torch_compile_sees_the_kernels(n, monkeypatch):
 
 
 @native_only
+@pytest.mark.parametrize("listed", [False, True], ids=["default", "listed"])
 @pytest.mark.parametrize("n", [1, 8, 16])  # past DENSE_ABOVE the op is the reference's torch ops
-def test_inductor_adds_no_kernels(n, monkeypatch):
+def test_inductor_adds_no_kernels(n, listed, monkeypatch):
     """Inductor's mutation analysis must see that the kernels write only their own buffers and
     the statistics: otherwise it clones inputs (tau, weights) before every call, in kernels of
     its own, or copies the statistics back after it. With the residual add a decoder block puts
-    after an FFN, Inductor adds exactly that add."""
+    after an FFN, Inductor adds exactly that add. "listed": the selection kernels' list of kept
+    experts (past LIST_ABOVE experts by default; forced here on a small FFN)."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -507,6 +509,13 @@ def test_inductor_adds_no_kernels(n, monkeypatch):
     from ppcompile.kernels import gpu_op  # noqa: F401
 
     monkeypatch.setattr(triton_ffn, "_empty", _REAL_EMPTY)  # poisoning would add fill kernels
+    if listed:
+        default_plan = triton_ffn.plan
+
+        def listing_plan(n_tokens, *args, **kwargs):
+            select = "pairwise" if n_tokens <= 2 else "sorted"
+            return default_plan(n_tokens, *args, **{**kwargs, "select": select, "up_list": True})
+        monkeypatch.setattr(triton_ffn, "plan", listing_plan)
 
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=12)
     tau = tau_tensor(0.7)
