@@ -294,7 +294,6 @@ def test_ties_go_to_lower_index(n):
 
 
 @pytest.mark.parametrize("n, config", [(1, {"select": "fused"}), (1, {"select": "pairwise"}),
-                                       (1, {"select": "pairwise", "up_list": True}),
                                        (8, {"select": "sorted"}), (8, {"select": "pairwise"})])
 @pytest.mark.parametrize("kind", ["peaked", "tied_groups", "wide"])
 @pytest.mark.parametrize("method", ["prunepath", "topk"])
