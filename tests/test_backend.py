@@ -405,3 +405,36 @@ def test_plan_file_carries_temperature_tables(tmp_path, monkeypatch):
         for a, b in zip(states, REGISTRY.states_of(list(again.parameters()))):
             assert torch.equal(a.temperature_table, b.temperature_table)
             assert torch.allclose(a.router_w, b.router_w) and a.temperature(tau) != 1.0
+
+
+def test_inductor_cache_key_holds_the_kernel_sources(tmp_path, monkeypatch):
+    """Inductor traces the GPU op's launcher (its launch table) only while lowering, after its
+    FX-graph cache key is made: the backend adds our kernel files' hash to that key, so a changed
+    launcher compiles anew instead of being served the code of the previous one (GPU_RUNS.md,
+    run 97), while an unchanged one still hits the cache."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(config, "fx_graph_cache", True)
+    monkeypatch.setattr(config, "force_disable_caches", False)
+    source = tmp_path / "triton_ffn.py"
+    monkeypatch.setattr(ppcompile.backend.KernelsInCacheKey, "FILES", (str(source),))
+
+    def compile_once(version: str):
+        source.write_text(version)
+        ppcompile.backend.get_hash_for_files.cache_clear()
+        torch._dynamo.reset()
+        before = dict(counters["inductor"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no FFN: compiled dense, with a warning
+            torch.compile(lambda x: torch.relu(x) * 2 + 1, backend="prunepath")(torch.randn(4, 8))
+        return {k: counters["inductor"][k] - before.get(k, 0)
+                for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+
+    assert compile_once("a")["fxgraph_cache_miss"] == 1
+    assert compile_once("a")["fxgraph_cache_hit"] == 1
+    assert compile_once("b")["fxgraph_cache_miss"] == 1
+    # a post-grad pass of the user's own is left alone (its uuid decides the key)
+    monkeypatch.setattr(config, "post_grad_custom_post_pass", lambda graph: None)
+    assert compile_once("c")["fxgraph_cache_hit"] == 0
