@@ -814,13 +814,15 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     need_acc = p.fuse_down or split_down
     n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
     logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
-    bits = _empty((n_mtiles * n_exp + (n_mtiles if p.up_list else 0),), torch.int64, dev)
+    # bits [tiles, E] flat; with up_list each tile's count of listed experts follows them
+    n_bits = n_mtiles * n_exp
+    bits = _empty((n_bits + (n_mtiles if p.up_list else 0),), torch.int64, dev)
     y = _empty((n, d_out), dtype, dev)
     acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
     counters = _empty((max(1, n_counters),), torch.int32, dev)
-    # up_list: the tiles' kept experts in the order they were found, their counts after bits
-    # (zeroed with them; one buffer, not a view: Inductor copies slices of mutated buffers)
-    listed = _empty((n_mtiles * n_exp,), torch.int32, dev) if p.up_list else dummy(torch.int32)
+    # up_list: the tiles' kept experts in the order they were found (their counts live in bits,
+    # zeroed with them: one buffer, not a view, as Inductor copies slices of mutated buffers)
+    listed = _empty((n_bits,), torch.int32, dev) if p.up_list else dummy(torch.int32)
     h = dummy(dtype) if p.fuse_down else _empty((n, d_ff), dtype, dev)
 
     # scratch rows: the experts one program touches (see _up_kernel)
@@ -852,13 +854,13 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     # 2. selection
     if p.select == "sorted":
         wrap_triton(_select_sorted_kernel)[(triton.cdiv(n, p.sel_n),)](
-            logits, tau, bits, counts, listed, n_mtiles * n_exp, n, n_exp, s,
+            logits, tau, bits, counts, listed, n_bits, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_N=p.sel_n, E_PAD=e_pad, SPLIT=p.router_split,
             LIST=p.up_list, num_warps=p.sel_warps,
         )
     elif p.select == "pairwise":
         wrap_triton(_select_pairwise_kernel)[(n, triton.cdiv(n_exp, p.sel_e))](
-            logits, tau, bits, counts, listed, n_mtiles * n_exp, n, n_exp, s,
+            logits, tau, bits, counts, listed, n_bits, n, n_exp, s,
             TOPK=topk, TILE_M=p.tile_m, SEL_E=p.sel_e, E_PAD=e_pad, SPLIT=p.router_split,
             LIST=p.up_list, num_warps=p.sel_warps,
         )
@@ -872,7 +874,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
         wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
         w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
-        logits, tau, bits, counts, listed, n_mtiles * n_exp,
+        logits, tau, bits, counts, listed, n_bits,
         h, acc, counters, y, scr_e, scr_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
@@ -900,5 +902,5 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
             E_PAD=e_pad, MAXE=down_maxe, KS=p.down_ks,
             num_warps=p.down_warps, num_stages=p.down_stages,
         )
-    return y, bits[:n_mtiles * n_exp].view(n_mtiles, n_exp)
+    return y, bits[:n_bits].view(n_mtiles, n_exp)
 

@@ -30,9 +30,9 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     position = {n: i for i, n in enumerate(placeholders)}
     last = placeholders[-1]
     layout, extras = [], {}
-    first_of = {id(twin): first for twin, first in gm.meta.get("ppcompile_twins", [])}
-    twins = [twin for twin, _ in gm.meta.get("ppcompile_twins", [])]
-    for ffn in [*gm.meta["ppcompile_ffns"], *twins]:
+    pairs = gm.meta.get("ppcompile_twins", [])
+    first_of = {id(twin): first for twin, first in pairs}
+    for ffn in [*gm.meta["ppcompile_ffns"], *(twin for twin, _ in pairs)]:
         first = first_of.get(id(ffn))
         if first is not None:
             ffn.state = first.state
