@@ -75,8 +75,25 @@ LIST_CASES = [
     (4096, 14336, 1, 16, [0.25, 0.5], _LIST), (4096, 14336, 1, 8, [0.25, 0.5, 1.0], _LIST),
     (4096, 11008, 1, 8, [0.25, 0.5], _LIST), (4096, 11008, 1, 16, [0.25], _LIST),
 ]
+# the one-token router with several expert rows per program over the whole of d in one step (x,
+# read from L2 by every program, is as many bytes as the router itself; run 52's multi-row plans
+# split d into steps). Run 100 also timed, as "new" against "prev", an up kernel that loaded x
+# once instead of once per step (no gain, not kept)
+def _router_rows(d):
+    k = new._pow2(d)
+    return {f"router {r} rows {w} warps": dict(router_block_e=r, router_block_k=k, router_warps=w)
+            for r, w in ((2, 8), (4, 8), (4, 16), (8, 16))}
+
+
+X_ONCE_CASES = [
+    (4096, 14336, 1, 16, [0.25, 0.5, 1.0], _router_rows(4096)),
+    (4096, 14336, 1, 8, [0.25, 0.5], _router_rows(4096)),
+    (4096, 11008, 1, 16, [0.25], _router_rows(4096)),
+    (2048, 8192, 1, 16, [0.25], _router_rows(2048)),
+    (576, 1536, 1, 16, [0.25], _router_rows(576)),
+]
 CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CASES,
-             "list": LIST_CASES}
+             "list": LIST_CASES, "x-once": X_ONCE_CASES}
 
 
 def load_prev(rev: str):
