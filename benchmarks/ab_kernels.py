@@ -92,8 +92,18 @@ X_ONCE_CASES = [
     (2048, 8192, 1, 16, [0.25], _router_rows(2048)),
     (576, 1536, 1, 16, [0.25], _router_rows(576)),
 ]
+# 1 / up_pool of the up kernel's steps claimed one at a time by programs done early, against
+# equal shares only ("new"; "prev" checks that moving the step into a helper changed nothing)
+# (run 101; run 102 with up_pool = 8 the one-token default: "no pool" is then the variant)
+_POOL = {f"pool {k}": dict(up_pool=k) for k in (0, 4, 16)}
+POOL_CASES = [
+    (4096, 14336, 1, 16, [0.25, 0.5, 1.0], _POOL), (4096, 14336, 1, 8, [0.25, 0.5], _POOL),
+    (4096, 11008, 1, 16, [0.25, 0.5, 1.0], _POOL), (2048, 8192, 1, 16, [0.25, 1.0], _POOL),
+    (576, 1536, 1, 16, [0.25], {"pool 2": dict(up_pool=2), "pool 8": dict(up_pool=8)}),
+    (4096, 14336, 2, 16, [0.25, 0.5], _POOL), (4096, 14336, 8, 16, [0.25], {}),
+]
 CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CASES,
-             "list": LIST_CASES, "x-once": X_ONCE_CASES}
+             "list": LIST_CASES, "x-once": X_ONCE_CASES, "pool": POOL_CASES}
 
 
 def load_prev(rev: str):

@@ -226,6 +226,14 @@ PLANS = [
     (40, dict(kind="decode", tile_m=16, sel_n=4, up_list=True)),
     (40, dict(kind="decode", tile_m=16, select="pairwise", sel_e=2, up_list=True)),
     (8, dict(kind="prefill", up_list=True)),
+    # steps left in a pool that programs done early claim one at a time (up_pool), also from the
+    # list, with tensor cores (h to memory) and in several tiles
+    (1, dict(up_pool=2, up_programs=3, up_sub=2)),
+    (1, dict(up_pool=4, up_programs=2, up_sub=1)),
+    (1, dict(up_pool=2, up_programs=40)),                        # every step claimed
+    (2, dict(select="pairwise", sel_e=4, up_list=True, up_pool=2, up_programs=3)),
+    (8, dict(up_pool=2, up_programs=3)),
+    (40, dict(kind="decode", tile_m=16, up_pool=3, up_programs=2)),
 ]
 
 
@@ -234,6 +242,13 @@ PLANS = [
 def test_launch_plans(n, config, gated):
     ffn = make_ffn(n, 64, 128, 16, gated=gated, biases=True, seed=n)
     run_and_check(ffn, 0.7, "gelu", 16, config=config)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.05])
+def test_claimed_steps_at_extreme_tau(tau):
+    # tau = 1: the pool's steps are neurons directly (nothing staged); 0.05: one expert a token
+    ffn = make_ffn(1, 64, 128, 16, gated=True, biases=True, seed=5)
+    run_and_check(ffn, tau, "silu", 16, config=dict(up_pool=2, up_programs=3, up_sub=2))
 
 
 @pytest.mark.parametrize("layout", ["row", "col"])

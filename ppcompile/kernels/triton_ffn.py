@@ -344,13 +344,67 @@ def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr,
 
 
 @triton.jit
+def _up_step(q0, q_end, scr, sparse, y_acc, x_ptr, stride_xn, stride_xk,
+             wu_ptr, stride_uf, stride_uk, bu_ptr, wg_ptr, stride_gf, stride_gk, bg_ptr,
+             wd_ptr, stride_do, stride_df, h_ptr, scr_e_ptr, scr_b_ptr,
+             rows, row_ok, tok, kk, oo, D, DO, F, S,
+             ACT: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr,
+             FUSE_DOWN: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr,
+             K_STEPS: tl.constexpr):
+    """One step of _up_kernel: compact neurons [q0, q0 + SUB) below q_end, whose expert ids and
+    token bits were staged at scr + rank; returns y_acc plus their down projection (FUSE_DOWN)
+    or stores their h."""
+    q = q0 + tl.arange(0, SUB)
+    q_ok = q < q_end
+    staged_q = tl.where(sparse, q_ok, False)
+    e = tl.load(scr_e_ptr + scr + q // S, mask=staged_q, other=0, cache_modifier=".cg")
+    ebits = tl.load(scr_b_ptr + scr + q // S, mask=staged_q, other=-1, cache_modifier=".cg")
+    nrn = tl.where(sparse, e * S + q % S, q)
+    if FUSE_DOWN:
+        wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                     mask=q_ok[:, None] & (oo < DO)[None, :], other=0.0)
+    acc_u = tl.zeros([BLOCK_N, SUB], tl.float32)
+    acc_g = tl.zeros([BLOCK_N, SUB], tl.float32)
+    for ks in range(K_STEPS):
+        k = ks * BLOCK_K + kk
+        k_ok = k < D
+        xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = q_ok[:, None] & k_ok[None, :]
+        wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + k[None, :] * stride_uk, mask=w_ok,
+                     other=0.0)
+        if GATED:
+            wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + k[None, :] * stride_gk,
+                         mask=w_ok, other=0.0)
+            acc_g = _mac(xk, wg, acc_g, USE_DOT, IEEE)
+        acc_u = _mac(xk, wu, acc_u, USE_DOT, IEEE)
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + nrn, mask=q_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + nrn, mask=q_ok, other=0.0).to(tl.float32)[None, :]
+        h = _act(acc_g, ACT) * acc_u
+    else:
+        h = _act(acc_u, ACT)
+    kept = ((ebits[None, :] >> tok[:, None].to(tl.int64)) & 1) != 0
+    h = tl.where(kept & q_ok[None, :] & row_ok[:, None], h, 0.0)
+    if FUSE_DOWN:
+        y_acc = _mac_nn(h, wd, y_acc, False, IEEE)
+    else:
+        tl.store(h_ptr + rows[:, None] * F + nrn[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & q_ok[None, :])
+    return y_acc
+
+
+@triton.jit
 def _up_kernel(
     x_ptr, stride_xn, stride_xk,
     wu_ptr, stride_uf, stride_uk, bu_ptr,
     wg_ptr, stride_gf, stride_gk, bg_ptr,
     wd_ptr, stride_do, stride_df, bd_ptr,
     logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
-    h_ptr, acc_ptr, counter_ptr, y_ptr, scr_e_ptr, scr_b_ptr,
+    h_ptr, acc_ptr, counter_ptr, WORK, y_ptr, scr_e_ptr, scr_b_ptr,
     N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
@@ -358,7 +412,7 @@ def _up_kernel(
     USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, MAXE_PAD: tl.constexpr,
-    UNIT: tl.constexpr,
+    UNIT: tl.constexpr, POOL: tl.constexpr,
     R_SPLIT: tl.constexpr,
 ):
     # K_STEPS = cdiv(D, BLOCK_K) as a constant: with one step the K loop disappears and all of a
@@ -404,9 +458,19 @@ def _up_kernel(
     else:
         active = bits != 0
         n_active = tl.sum(active.to(tl.int32), axis=0) * S
-    n_units = tl.cdiv(n_active, UNIT)
-    q_start = (p * n_units // P) * UNIT
-    q_end = tl.minimum(((p + 1) * n_units // P) * UNIT, n_active)
+    if POOL > 0:
+        # all but 1 / POOL of the tile's steps are split evenly; the rest are claimed one step
+        # at a time (a counter per tile) by whichever program is done first: the memory system
+        # serves programs unevenly, so equal shares end unevenly (GPU_RUNS.md, run 87)
+        n_steps = tl.cdiv(n_active, SUB)
+        per = (n_steps - n_steps // POOL) // P
+        q_start = p * per * SUB
+        q_end = tl.minimum((p + 1) * per * SUB, n_active)
+        pool_q0 = P * per * SUB
+    else:
+        n_units = tl.cdiv(n_active, UNIT)
+        q_start = (p * n_units // P) * UNIT
+        q_end = tl.minimum(((p + 1) * n_units // P) * UNIT, n_active)
     # stage ids and token bits of the experts it touches in its scratch row, then a barrier:
     # the loop reads them from there (its loads stay independent of each other; reading the
     # list and bits in the loop made the one-token stream slower, GPU_RUNS.md run 92)
@@ -426,57 +490,54 @@ def _up_kernel(
         staged = tl.where(sparse, active & (rank >= r0) & (rank < r0 + MAXE), False)
         tl.store(scr_e_ptr + scr + rank, eidx, mask=staged)
         tl.store(scr_b_ptr + scr + rank, bits, mask=staged)
+    if POOL > 0:
+        # every program writes the pool's ids and bits to the tile's pool row: the same values,
+        # so a program's own writes (before its barrier) are what it reads, whoever else wrote
+        pool_r0 = pool_q0 // S
+        pool = tl.num_programs(0) * P * MAXE + m * E - pool_r0
+        if LISTED:
+            jp = pool_r0 + eidx
+            pooled = tl.where(sparse, (jp < E) & (jp * S < n_active), False)
+            e_jp = tl.load(list_ptr + m * E + jp, mask=pooled, other=0)
+            tl.store(scr_e_ptr + pool + jp, e_jp, mask=pooled)
+            tl.store(scr_b_ptr + pool + jp,
+                     tl.load(bits_ptr + m * E + e_jp, mask=pooled, other=0), mask=pooled)
+        else:
+            pooled = tl.where(sparse, active & (rank >= pool_r0), False)
+            tl.store(scr_e_ptr + pool + rank, eidx, mask=pooled)
+            tl.store(scr_b_ptr + pool + rank, bits, mask=pooled)
     tl.debug_barrier()
 
     kk = tl.arange(0, BLOCK_K)
+    oo = tl.arange(0, DO_PAD)
     if FUSE_DOWN:
-        oo = tl.arange(0, DO_PAD)
         y_acc = tl.zeros([BLOCK_N, DO_PAD], tl.float32)
+    else:
+        y_acc = tl.zeros([1, 1], tl.float32)  # unused: h goes to memory
     for q0 in range(q_start, q_end, SUB):
-        q = q0 + tl.arange(0, SUB)
-        q_ok = q < q_end
-        staged_q = tl.where(sparse, q_ok, False)
-        e = tl.load(scr_e_ptr + scr + q // S, mask=staged_q, other=0, cache_modifier=".cg")
-        ebits = tl.load(scr_b_ptr + scr + q // S, mask=staged_q, other=-1, cache_modifier=".cg")
-        nrn = tl.where(sparse, e * S + q % S, q)
-        if FUSE_DOWN:
-            wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
-                         mask=q_ok[:, None] & (oo < DO)[None, :], other=0.0)
-        acc_u = tl.zeros([BLOCK_N, SUB], tl.float32)
-        acc_g = tl.zeros([BLOCK_N, SUB], tl.float32)
-        for ks in range(K_STEPS):
-            k = ks * BLOCK_K + kk
-            k_ok = k < D
-            xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_ok = q_ok[:, None] & k_ok[None, :]
-            wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + k[None, :] * stride_uk, mask=w_ok,
-                         other=0.0)
-            if GATED:
-                wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + k[None, :] * stride_gk,
-                             mask=w_ok, other=0.0)
-                acc_g = _mac(xk, wg, acc_g, USE_DOT, IEEE)
-            acc_u = _mac(xk, wu, acc_u, USE_DOT, IEEE)
-        if HAS_BU:
-            acc_u += tl.load(bu_ptr + nrn, mask=q_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            if HAS_BG:
-                acc_g += tl.load(bg_ptr + nrn, mask=q_ok, other=0.0).to(tl.float32)[None, :]
-            h = _act(acc_g, ACT) * acc_u
-        else:
-            h = _act(acc_u, ACT)
-        kept = ((ebits[None, :] >> tok[:, None].to(tl.int64)) & 1) != 0
-        h = tl.where(kept & q_ok[None, :] & row_ok[:, None], h, 0.0)
-        if FUSE_DOWN:
-            y_acc = _mac_nn(h, wd, y_acc, False, IEEE)
-        else:
-            tl.store(h_ptr + rows[:, None] * F + nrn[None, :], h.to(h_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & q_ok[None, :])
+        y_acc = _up_step(q0, q_end, scr, sparse, y_acc, x_ptr, stride_xn, stride_xk,
+                         wu_ptr, stride_uf, stride_uk, bu_ptr, wg_ptr, stride_gf, stride_gk, bg_ptr,
+                         wd_ptr, stride_do, stride_df, h_ptr, scr_e_ptr, scr_b_ptr,
+                         rows, row_ok, tok, kk, oo, D, DO, F, S,
+                         ACT, GATED, HAS_BU, HAS_BG, FUSE_DOWN, USE_DOT, IEEE, BLOCK_N, SUB, BLOCK_K,
+                         K_STEPS)
+    worked = q_end > q_start
+    if POOL > 0:
+        q0 = pool_q0 + tl.atomic_add(counter_ptr + WORK + m, 1, sem="relaxed") * SUB
+        while q0 < n_active:
+            worked = True
+            y_acc = _up_step(q0, n_active, pool, sparse, y_acc, x_ptr, stride_xn, stride_xk,
+                             wu_ptr, stride_uf, stride_uk, bu_ptr, wg_ptr, stride_gf, stride_gk,
+                             bg_ptr, wd_ptr, stride_do, stride_df, h_ptr, scr_e_ptr, scr_b_ptr,
+                             rows, row_ok, tok, kk, oo, D, DO, F, S,
+                             ACT, GATED, HAS_BU, HAS_BG, FUSE_DOWN, USE_DOT, IEEE, BLOCK_N, SUB, BLOCK_K,
+                             K_STEPS)
+            q0 = pool_q0 + tl.atomic_add(counter_ptr + WORK + m, 1, sem="relaxed") * SUB
 
     if FUSE_DOWN:
         out = rows[:, None] * DO + oo[None, :]
         out_ok = row_ok[:, None] & (oo < DO)[None, :]
-        if q_end > q_start:
+        if worked:
             tl.atomic_add(acc_ptr + out, y_acc, mask=out_ok, sem="relaxed")
         # last program in: all partial sums are in acc (bar.sync, then a gpu-scope acq_rel
         # ticket, as CUTLASS's semaphores do); acc is read from L2 (.cg), never from a stale L1
@@ -574,6 +635,7 @@ class Plan:
     up_sub: int             # compact neurons per step
     up_block_k: int
     up_unit: int            # neurons are split among programs in multiples of this
+    up_pool: int            # > 0: 1 / up_pool of the steps are claimed by programs done early
     up_warps: int
     up_stages: int
     down_block_q: int
@@ -637,6 +699,11 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         # dominates): 576x1536 at 25%, H100: 11.3 us vs 13.1 with two (run 13); for 4096-wide
         # FFNs one per SM was slower at 25-50%, with 8 or 16 warps (runs 6 and 13)
         up_programs = n_sm if not dot and d_ff < 32 * n_sm else 2 * n_sm
+        # CUDA cores, 2 x SMs programs: an eighth of the steps is claimed one at a time by the
+        # programs done first (equal shares end unevenly); H200, run 101: 4096x14336 one token
+        # 62.7 -> 60.5 us at 50% active, 100.6 -> 94.6 at 100% (8-neuron experts 73.8 -> 68.4
+        # at 50%), 25% unchanged; batch 8 on tensor cores lost (102.9 -> 113.6)
+        up_pool = 8 if not dot and up_programs == 2 * n_sm else 0
         # CUDA-core router: one expert's row per program (4096x14336, one token, 25% active,
         # H200, runs 25-26: 43.5 / 43.8 us vs 44.6 / 44.9 with two)
         rbe = 16 if router_dot else 1
@@ -666,6 +733,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             sel_n=1, sel_e=sel_e,
             sel_warps=4 if select == "pairwise" else 16 if e_pad > 1024 else 8 if dot else 4,
             up_programs=up_programs, up_sub=up_sub, up_block_k=up_block_k, up_unit=1,
+            up_pool=up_pool,
             up_warps=4 if dot else 8, up_stages=3 if dot else 1,
             # 128 neurons per step: 123.3 -> 120.3 us (same case, run 23)
             down_block_q=wide * 2 if dot else max(1, min(16, 16384 // (n_pad * down_block_d))),
@@ -688,7 +756,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             router_split=1,
             sel_n=max(1, min(16, 8192 // e_pad)), sel_e=sel_e, sel_warps=4, up_list=False,
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
-            up_unit=up_sub, up_warps=4, up_stages=3,
+            up_unit=up_sub, up_pool=0, up_warps=4, up_stages=3,
             down_block_q=64, down_block_d=128,
             down_ks=max(1, min(8, n_sm // (n_mtiles * n_dtiles))), down_warps=4, down_stages=3,
         )
@@ -720,6 +788,9 @@ def _check(p: Plan, n_tokens: int):
                          f"of sel_n={p.sel_n}")
     if p.select not in SELECTIONS:
         raise ValueError(f"plan: select={p.select!r}; allowed: {', '.join(SELECTIONS)}")
+    if p.up_pool < 0 or p.up_pool == 1:
+        raise ValueError(f"plan: up_pool={p.up_pool} must be 0 (off) or >= 2 (1 / up_pool of the "
+                         "steps claimed)")
     if p.up_list and p.select == "fused":
         raise ValueError("plan: up_list needs a selection kernel (select 'sorted' or 'pairwise')")
     if p.select == "fused" and n_tokens > p.tile_m:
@@ -819,7 +890,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     bits = _empty((n_bits + (n_mtiles if p.up_list else 0),), torch.int64, dev)
     y = _empty((n, d_out), dtype, dev)
     acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
-    counters = _empty((max(1, n_counters),), torch.int32, dev)
+    n_work = n_mtiles if p.up_pool else 0  # the tiles' claimed-step counters follow
+    counters = _empty((max(1, n_counters + n_work),), torch.int32, dev)
     # up_list: the tiles' kept experts in the order they were found (their counts live in bits,
     # zeroed with them: one buffer, not a view, as Inductor copies slices of mutated buffers)
     listed = _empty((n_bits,), torch.int32, dev) if p.up_list else dummy(torch.int32)
@@ -828,8 +900,10 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     # scratch rows: the experts one program touches (see _up_kernel)
     span = triton.cdiv(triton.cdiv(d_ff, p.up_unit), p.up_programs) * p.up_unit
     up_maxe = (span - 1) // s + 2
-    scr_e = _empty((n_mtiles * p.up_programs * up_maxe,), torch.int32, dev)
-    scr_b = _empty((n_mtiles * p.up_programs * up_maxe,), torch.int64, dev)
+    # (with up_pool, one row of E per tile after them: the pool's experts)
+    n_scr = n_mtiles * (p.up_programs * up_maxe + (n_exp if p.up_pool else 0))
+    scr_e = _empty((n_scr,), torch.int32, dev)
+    scr_b = _empty((n_scr,), torch.int64, dev)
 
     # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
     #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
@@ -838,12 +912,12 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
     n_zero_bits = 0 if p.select == "fused" else bits.numel()
     n_zero_acc = acc.numel() if need_acc else 0
-    n_zero = max(n_zero_bits, n_zero_acc, n_counters, 1)
+    n_zero = max(n_zero_bits, n_zero_acc, n_counters + n_work, 1)
     zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
     wrap_triton(_router_kernel)[r_grid](
         x2d, x2d.stride(0), x2d.stride(1), router_w, router_w.stride(0), router_w.stride(1),
         router_b, logits, tau, counts,
-        bits, n_zero_bits, acc, n_zero_acc, counters, n_counters,
+        bits, n_zero_bits, acc, n_zero_acc, counters, n_counters + n_work,
         n, d, n_exp,
         USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
         BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k,
@@ -875,7 +949,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
         w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
         logits, tau, bits, counts, listed, n_bits,
-        h, acc, counters, y, scr_e, scr_b,
+        h, acc, counters, n_counters, y, scr_e, scr_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
@@ -884,7 +958,7 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),
-        E_PAD=e_pad, MAXE=up_maxe, MAXE_PAD=_pow2(up_maxe), UNIT=p.up_unit,
+        E_PAD=e_pad, MAXE=up_maxe, MAXE_PAD=_pow2(up_maxe), UNIT=p.up_unit, POOL=p.up_pool,
         R_SPLIT=p.router_split,
         num_warps=p.up_warps, num_stages=p.up_stages,
     )
