@@ -519,8 +519,8 @@ def _up_kernel(
                          wu_ptr, stride_uf, stride_uk, bu_ptr, wg_ptr, stride_gf, stride_gk, bg_ptr,
                          wd_ptr, stride_do, stride_df, h_ptr, scr_e_ptr, scr_b_ptr,
                          rows, row_ok, tok, kk, oo, D, DO, F, S,
-                         ACT, GATED, HAS_BU, HAS_BG, FUSE_DOWN, USE_DOT, IEEE, BLOCK_N, SUB, BLOCK_K,
-                         K_STEPS)
+                         ACT, GATED, HAS_BU, HAS_BG, FUSE_DOWN, USE_DOT, IEEE,
+                         BLOCK_N, SUB, BLOCK_K, K_STEPS)
     worked = q_end > q_start
     if POOL > 0:
         q0 = pool_q0 + tl.atomic_add(counter_ptr + WORK + m, 1, sem="relaxed") * SUB
@@ -530,8 +530,8 @@ def _up_kernel(
                              wu_ptr, stride_uf, stride_uk, bu_ptr, wg_ptr, stride_gf, stride_gk,
                              bg_ptr, wd_ptr, stride_do, stride_df, h_ptr, scr_e_ptr, scr_b_ptr,
                              rows, row_ok, tok, kk, oo, D, DO, F, S,
-                             ACT, GATED, HAS_BU, HAS_BG, FUSE_DOWN, USE_DOT, IEEE, BLOCK_N, SUB, BLOCK_K,
-                             K_STEPS)
+                             ACT, GATED, HAS_BU, HAS_BG, FUSE_DOWN, USE_DOT, IEEE,
+                             BLOCK_N, SUB, BLOCK_K, K_STEPS)
             q0 = pool_q0 + tl.atomic_add(counter_ptr + WORK + m, 1, sem="relaxed") * SUB
 
     if FUSE_DOWN:
