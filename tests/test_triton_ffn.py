@@ -448,6 +448,14 @@ def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     decode = kind == "decode" or (kind is None and n <= triton_ffn.DECODE_MAX_N)
     assert p.up_list == (decode and p.select == "pairwise"
                          and triton.next_power_of_2(d_ff // s) > triton_ffn.LIST_ABOVE)
+    # a pool of claimed steps only on the CUDA-core plans with 2 x SMs programs (it lost on
+    # tensor cores; 1 x SMs plans are launch bound)
+    assert p.up_pool == (8 if decode and not p.up_dot and p.up_programs == 2 * 132 else 0)
+
+
+def test_plan_refuses_a_pool_of_one():
+    with pytest.raises(ValueError, match="up_pool=1 must be 0"):
+        triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, up_pool=1)
 
 
 def test_plan_refuses_a_list_without_a_selection_kernel():
