@@ -77,15 +77,15 @@ LIST_CASES = [
 ]
 # the one-token router with several expert rows per program over the whole of d in one step (x,
 # read from L2 by every program, is as many bytes as the router itself; run 52's multi-row plans
-# split d into steps). Run 100 also timed, as "new" against "prev", an up kernel that loaded x
-# once instead of once per step (no gain, not kept)
+# split d into steps). Run 100 (then named "x-once") also timed, as "new" against "prev", an up
+# kernel that loaded x once instead of once per step (no gain, not kept)
 def _router_rows(d):
     k = new._pow2(d)
     return {f"router {r} rows {w} warps": dict(router_block_e=r, router_block_k=k, router_warps=w)
             for r, w in ((2, 8), (4, 8), (4, 16), (8, 16))}
 
 
-X_ONCE_CASES = [
+ROUTER_ROWS_CASES = [
     (4096, 14336, 1, 16, [0.25, 0.5, 1.0], _router_rows(4096)),
     (4096, 14336, 1, 8, [0.25, 0.5], _router_rows(4096)),
     (4096, 11008, 1, 16, [0.25], _router_rows(4096)),
@@ -103,7 +103,7 @@ POOL_CASES = [
     (4096, 14336, 2, 16, [0.25, 0.5], _POOL), (4096, 14336, 8, 16, [0.25], {}),
 ]
 CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CASES,
-             "list": LIST_CASES, "x-once": X_ONCE_CASES, "pool": POOL_CASES}
+             "list": LIST_CASES, "router-rows": ROUTER_ROWS_CASES, "pool": POOL_CASES}
 
 
 def load_prev(rev: str):

@@ -344,6 +344,15 @@ def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr,
 
 
 @triton.jit
+def _stage_listed(list_ptr, bits_ptr, scr_e_ptr, scr_b_ptr, row, m, E, j, ok):
+    """Copies entries j (where ok) of tile m's list of kept experts, and their token bits, to
+    scr_e / scr_b at row + j."""
+    e_j = tl.load(list_ptr + m * E + j, mask=ok, other=0)
+    tl.store(scr_e_ptr + row + j, e_j, mask=ok)
+    tl.store(scr_b_ptr + row + j, tl.load(bits_ptr + m * E + e_j, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
 def _up_step(q0, q_end, scr, sparse, y_acc, x_ptr, stride_xn, stride_xk,
              wu_ptr, stride_uf, stride_uk, bu_ptr, wg_ptr, stride_gf, stride_gk, bg_ptr,
              wd_ptr, stride_do, stride_df, h_ptr, scr_e_ptr, scr_b_ptr,
@@ -479,11 +488,8 @@ def _up_kernel(
     if LISTED:
         # the few list entries this program touches
         j = r0 + tl.arange(0, MAXE_PAD)
-        listed_ok = tl.where(sparse, (j < r0 + MAXE) & (j * S < n_active), False)
-        e_j = tl.load(list_ptr + m * E + j, mask=listed_ok, other=0)
-        tl.store(scr_e_ptr + scr + j, e_j, mask=listed_ok)
-        tl.store(scr_b_ptr + scr + j, tl.load(bits_ptr + m * E + e_j, mask=listed_ok, other=0),
-                 mask=listed_ok)
+        _stage_listed(list_ptr, bits_ptr, scr_e_ptr, scr_b_ptr, scr, m, E, j,
+                      tl.where(sparse, (j < r0 + MAXE) & (j * S < n_active), False))
     else:
         # a scatter by rank instead of a reduction over all experts per neuron block
         rank = tl.cumsum(active.to(tl.int32), axis=0) - 1
@@ -497,11 +503,8 @@ def _up_kernel(
         pool = tl.num_programs(0) * P * MAXE + m * E - pool_r0
         if LISTED:
             jp = pool_r0 + eidx
-            pooled = tl.where(sparse, (jp < E) & (jp * S < n_active), False)
-            e_jp = tl.load(list_ptr + m * E + jp, mask=pooled, other=0)
-            tl.store(scr_e_ptr + pool + jp, e_jp, mask=pooled)
-            tl.store(scr_b_ptr + pool + jp,
-                     tl.load(bits_ptr + m * E + e_jp, mask=pooled, other=0), mask=pooled)
+            _stage_listed(list_ptr, bits_ptr, scr_e_ptr, scr_b_ptr, pool, m, E, jp,
+                          tl.where(sparse, (jp < E) & (jp * S < n_active), False))
         else:
             pooled = tl.where(sparse, active & (rank >= pool_r0), False)
             tl.store(scr_e_ptr + pool + rank, eidx, mask=pooled)
