@@ -102,22 +102,8 @@ POOL_CASES = [
     (576, 1536, 1, 16, [0.25], {"pool 2": dict(up_pool=2), "pool 8": dict(up_pool=8)}),
     (4096, 14336, 2, 16, [0.25, 0.5], _POOL), (4096, 14336, 8, 16, [0.25], {}),
 ]
-# launch-bound FFNs in one launch: every up program computes the small router itself
-# (fuse_router, no router kernel, a persistent workspace) and ranks the experts pairwise instead
-# of sorting them (fused_ranked); 640x2048 is Gemma-3-270m's FFN
-_ONE = {"router kernel": dict(fuse_router=False), "sort": dict(fused_ranked=False),
-        "router kernel + sort": dict(fuse_router=False, fused_ranked=False),
-        "router k64": dict(router_block_k=64), "router k256": dict(router_block_k=256),
-        "4 warps": dict(up_warps=4), "66 programs": dict(up_programs=66)}
-_ONE_ON = {"fused router": dict(fuse_router=True), "ranked": dict(fused_ranked=True),
-           "fused router + ranked": dict(fuse_router=True, fused_ranked=True)}
-ONE_LAUNCH_CASES = [
-    (576, 1536, 1, 16, [0.0, 0.25, 0.5, 1.0], _ONE), (576, 1536, 1, 8, [0.25, 0.5], _ONE_ON),
-    (640, 2048, 1, 16, [0.25, 0.5], _ONE), (576, 1536, 2, 16, [0.25, 0.5], _ONE),
-]
 CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CASES,
-             "list": LIST_CASES, "router-rows": ROUTER_ROWS_CASES, "pool": POOL_CASES,
-             "one-launch": ONE_LAUNCH_CASES}
+             "list": LIST_CASES, "router-rows": ROUTER_ROWS_CASES, "pool": POOL_CASES}
 
 
 def load_prev(rev: str):
@@ -131,8 +117,8 @@ def load_prev(rev: str):
         path.unlink()
 
 
-def _takes(mod, name: str) -> bool:
-    return name in inspect.signature(mod.sparse_ffn_triton).parameters
+def _takes_stats(mod) -> bool:
+    return "stats" in inspect.signature(mod.sparse_ffn_triton).parameters
 
 
 def main():
@@ -158,27 +144,23 @@ def main():
                                                    copies, torch.Generator().manual_seed(3))
             t = tau_all if fraction == 1.0 else tau
             for label, mod, config in variants:
-                # the statistics buffer and workspace, for kernels that take them (fresh ones
-                # per call would time memsets too)
-                bufs = dict(stats=kb.new_stats()) if _takes(mod, "stats") else {}
-                if _takes(mod, "workspace"):
-                    bufs["workspace"] = kb.new_workspace(d)
-                calls = [lambda w=w, r=r, mod=mod, config=config, bufs=bufs:
+                # the statistics buffer the op adds into, for kernels that take one (a fresh
+                # one per call would time a memset too)
+                stats = dict(stats=kb.new_stats()) if _takes_stats(mod) else {}
+                calls = [lambda w=w, r=r, mod=mod, config=config, stats=stats:
                          mod.sparse_ffn_triton(x, w[1], None, w[0], None, w[2], None, *r, t,
-                                               "silu", s, config=config, **bufs)
+                                               "silu", s, config=config, **stats)
                          for w, r in zip(weights.sets, routers)]
                 try:
                     us = kb.time_calls(calls)
-                    if bufs:
-                        bufs["stats"].zero_()
+                    if stats:
+                        stats["stats"].zero_()
                     y, counts = calls[0]()
                     w, r = weights.sets[0], routers[0]
                     y_ref = sparse_ffn_reference(x, w[1], None, w[0], None, w[2], None, *r, t,
                                                  "silu", s)[0].float()
                     err = ((y.float() - y_ref).norm() / y_ref.norm()).item()
                     kept_ok = fraction == 1.0 or counts[0].item() == kept[0] * s
-                    # the one-launch plan leaves its workspace zeroed for the next call
-                    kept_ok = kept_ok and not bufs.get("workspace", torch.zeros(1)).any()
                 except Exception as e:  # a variant the table would never pick may fail
                     us, err, kept_ok = None, None, False
                     print(f"{label}: {type(e).__name__}: {str(e)[:300]}")

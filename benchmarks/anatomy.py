@@ -34,8 +34,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import (Weights, copies_for, new_stats, new_workspace,  # noqa: E402
-                                time_calls)
+from benchmarks.kernels import Weights, copies_for, new_stats, time_calls  # noqa: E402
 from ppcompile.kernels.triton_ffn import _mac, _mac_nn, _select  # noqa: E402
 
 SHAPES = [(4096, 14336), (576, 1536)]
@@ -212,10 +211,10 @@ def run(out_dir: Path):
                 rw = torch.zeros(pb.n_exp, d, dtype=torch.bfloat16, device="cuda")
                 rb = (keep.float() * 40 - 20).to(torch.bfloat16)
                 routers.append((rw, rb))
-            stats, op_ws = new_stats(), new_workspace(d)
+            stats = new_stats()
             record(case="product op (router + up)", **tag, us=time_calls(
                 [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, stats,
-                                     op_ws, "silu", EXPERT_SIZE, "prunepath")
+                                     "silu", EXPERT_SIZE, "prunepath")
                  for (w, _, _), r in zip(sets, routers)]))
             for programs in (n_sm, 2 * n_sm):
                 ws = workspace(d, programs, "cuda")

@@ -160,13 +160,6 @@ def new_stats():
     return torch.zeros(2, dtype=torch.float64, device="cuda")
 
 
-def new_workspace(d_out):
-    """An FFN's persistent workspace, as the backend keeps one per FFN (the one-launch plan of
-    tiny FFNs accumulates in it and leaves it zeroed; a fresh one per call would time a memset)."""
-    from ppcompile.kernels.ops import new_workspace as new
-    return new(d_out, "cuda")
-
-
 def copies_for(d, d_ff, l2_bytes):
     """Enough weight copies that the least data any timed call touches (12.5% of the weights
     plus the router), times K, is 2.5x the L2."""
@@ -212,8 +205,7 @@ def check_numerics(clock):
             for tau_value in (0.5, 0.9, 1.0):
                 tau = torch.tensor(tau_value, device="cuda")
                 counts = new_stats()
-                y = op(x, *ffn.values(), tau, counts, new_workspace(d), "silu", EXPERT_SIZE,
-                       "prunepath")
+                y = op(x, *ffn.values(), tau, counts, "silu", EXPERT_SIZE, "prunepath")
                 y_ref, counts_ref = sparse_ffn_reference(x, **ffn, tau=tau, activation="silu",
                                                          expert_size=EXPERT_SIZE)
                 y_hi, _ = sparse_ffn_reference(x.double(), **ffn_hi, tau=tau, activation="silu",
@@ -239,11 +231,10 @@ def check_numerics(clock):
         x = rnd(n, d).to("cuda", torch.bfloat16)
         tau = torch.tensor(0.8, device="cuda")
         counts_c, counts_e = new_stats(), new_stats()
-        ws_c, ws_e = new_workspace(d), new_workspace(d)
-        fn = torch.compile(lambda *a: op(*a, tau, counts_c, ws_c, "silu", EXPERT_SIZE,
-                                         "prunepath"), fullgraph=True, dynamic=False)
+        fn = torch.compile(lambda *a: op(*a, tau, counts_c, "silu", EXPERT_SIZE, "prunepath"),
+                           fullgraph=True, dynamic=False)
         y_c = fn(x, *ffn.values())
-        y_e = op(x, *ffn.values(), tau, counts_e, ws_e, "silu", EXPERT_SIZE, "prunepath")
+        y_e = op(x, *ffn.values(), tau, counts_e, "silu", EXPERT_SIZE, "prunepath")
         err = ((y_c.float() - y_e.float()).norm() / y_e.float().norm()).item()
         report(f"torch.compile n={n}", err < 1e-2 and torch.equal(counts_c, counts_e),
                f"rel diff to eager {err:.1e}")
@@ -251,10 +242,10 @@ def check_numerics(clock):
         torch.cuda.synchronize()
         counts_g, counts_e = new_stats(), new_stats()
         with torch.cuda.graph(graph):
-            y_g = op(x, *ffn.values(), tau, counts_g, ws_c, "silu", EXPERT_SIZE, "prunepath")
+            y_g = op(x, *ffn.values(), tau, counts_g, "silu", EXPERT_SIZE, "prunepath")
         tau.fill_(0.3)
         graph.replay()
-        y_e = op(x, *ffn.values(), tau, counts_e, ws_e, "silu", EXPERT_SIZE, "prunepath")
+        y_e = op(x, *ffn.values(), tau, counts_e, "silu", EXPERT_SIZE, "prunepath")
         report(f"cuda graph, tau 0.8 -> 0.3, n={n}",
                torch.equal(counts_g, counts_e) and torch.allclose(y_g, y_e, atol=1e-2, rtol=1e-2),
                f"counts {counts_g.tolist()} vs eager {counts_e.tolist()}")
@@ -321,9 +312,9 @@ def bench_decode(clock, bw, l2_bytes, out_path):
                 x, routers, unions, kept = routed_inputs(d, weights.n_exp, batch, fraction,
                                                          copies, gen)
                 t = tau_all if fraction == 1.0 else tau
-                stats, ws = new_stats(), new_workspace(d)
+                stats = new_stats()
                 calls = [lambda w=w, r=r, t=t: op(x, w[1], None, w[0], None, w[2], None, *r, t,
-                                                  stats, ws, "silu", EXPERT_SIZE, "prunepath")
+                                                  stats, "silu", EXPERT_SIZE, "prunepath")
                          for w, r in zip(weights.sets, routers)]
                 ours_us = time_calls(calls)
                 stats.zero_()
@@ -382,8 +373,8 @@ def profile_kernels(clock, l2_bytes):
         copies = min(8, copies_for(d, d_ff, l2_bytes))
         weights = Weights(d, d_ff, copies)
         x, routers, _, _ = routed_inputs(d, weights.n_exp, batch, 0.25, copies, gen)
-        stats, ws = new_stats(), new_workspace(d)
-        calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, stats, ws,
+        stats = new_stats()
+        calls = [lambda w=w, r=r: op(x, w[1], None, w[0], None, w[2], None, *r, tau, stats,
                                      "silu", EXPERT_SIZE, "prunepath")
                  for w, r in zip(weights.sets, routers)]
         for c in calls:
@@ -435,7 +426,7 @@ def sweep_error(tf, x, w, r, tau, s, config):
     a plan that times well must also compute the right thing (run 15 found one that did not)."""
     from ppcompile.kernels.reference import sparse_ffn_reference
     y = tf.sparse_ffn_triton(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", s,
-                             workspace=new_workspace(x.shape[-1]), config=config)[0].float()
+                             config=config)[0].float()
     y_ref = sparse_ffn_reference(x, w[1], None, w[0], None, w[2], None, *r, tau, "silu", s)[0]
     return ((y - y_ref.float()).norm() / y_ref.float().norm()).item()
 
@@ -462,11 +453,10 @@ def sweep_plans(clock, l2_bytes):
                     x, routers, _, _ = routed_inputs(d, n_exp, batch, fraction or 1 / n_exp,
                                                      copies, torch.Generator().manual_seed(3))
                     t = tau_all if fraction == 1.0 else tau
-                    ws = new_workspace(d)
                     try:
                         us = time_calls([lambda w=w, r=r: tf.sparse_ffn_triton(
                             x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s,
-                            workspace=ws, config=config) for w, r in zip(weights.sets, routers)])
+                            config=config) for w, r in zip(weights.sets, routers)])
                         err = sweep_error(tf, x, weights.sets[0], routers[0], t, s, config)
                     except Exception as e:  # a config the table would never pick may fail
                         us = err = None

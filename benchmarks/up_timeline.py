@@ -149,10 +149,9 @@ def main():
                 x, routers, _, kept = kb.routed_inputs(d, d_ff // s, batch, fraction, copies,
                                                        torch.Generator().manual_seed(3))
                 t = tau_all if fraction == 1.0 else tau
-                stats, ws = kb.new_stats(), kb.new_workspace(d)
+                stats = kb.new_stats()
                 calls = [lambda w=w, r=r: triton_ffn.sparse_ffn_triton(
-                    x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s, stats=stats,
-                    workspace=ws)
+                    x, w[1], None, w[0], None, w[2], None, *r, t, "silu", s, stats=stats)
                     for w, r in zip(weights.sets, routers)]
                 rows = []
                 for rep in range(5):  # the last call of each pass over the copies is read

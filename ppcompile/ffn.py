@@ -10,7 +10,6 @@ import torch
 import torch.fx as fx
 
 from .graph import Projection
-from .kernels.ops import new_workspace
 
 GATED_KIND = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu",
               "quick_gelu": "geglu"}
@@ -96,7 +95,6 @@ class SparseFFN:
     temperature_table: torch.Tensor | None = None
     model_tau: torch.Tensor = field(init=False)  # 0-d float32: as set_tau set it (other methods)
     stats: torch.Tensor = field(init=False)  # float64 [2]: active neurons summed, tokens
-    workspace: torch.Tensor = field(init=False)  # the GPU kernels' (ops.new_workspace)
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
     signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_columns, plan's order
     plan_key: tuple = ()
@@ -105,7 +103,6 @@ class SparseFFN:
 
     def __post_init__(self):
         self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
-        self.workspace = new_workspace(self.d_model, self.router_w.device)
         self._static_w = torch.zeros_like(self.router_w)
         self.model_tau = self.tau.clone()
         self.set_temperature_table(self.temperature_table)

@@ -505,13 +505,13 @@ def test_rewrite_replaces_each_ffn_by_one_sparse_node(family):
     projections_per_ffn = {"llama": 3, "gpt2": 2, "phi3": 2, "falcon": 2, "bert": 2}[family]
     removed = sum(before[k] - after[k] for k in LINEAR_LIKE)
     assert removed == n * projections_per_ffn
-    assert after["placeholder"] == before["placeholder"] + 5 * n
+    assert after["placeholder"] == before["placeholder"] + 4 * n
     act = {"llama": "silu", "phi3": "silu", "gpt2": "tanh", "falcon": "gelu", "bert": "gelu"}[family]
     assert after[act] == before[act] - n
     assert after["add_"] == n
     # numerics of the rewritten graph against the dense graph, tau = 1
     extras = [getattr(s, k) for s in (f.state for f in gm.meta["ppcompile_ffns"])
-              for k in ("router_w", "router_b", "tau", "stats", "workspace")]
+              for k in ("router_w", "router_b", "tau", "stats")]
     for f in gm.meta["ppcompile_ffns"]:
         f.state.set_tau(1.0)
     with torch.no_grad():
@@ -575,13 +575,12 @@ def test_ffn_applied_twice_is_planned_once_and_rewritten_at_both_uses():
     gm = rewrite(gm, ctx)
     after = op_counts(gm)
     assert after["sparse_ffn"] == 2 and after["gelu"] == before["gelu"] - 2
-    assert after["placeholder"] == before["placeholder"] + 5  # one plan's inputs, used twice
+    assert after["placeholder"] == before["placeholder"] + 4  # one plan's inputs, used twice
     assert gm.meta["ppcompile_inputs"] == [gm.meta["ppcompile_inputs"][0]]
     state = gm.meta["ppcompile_ffns"][0].state
     state.set_tau(1.0)
     with torch.no_grad():
-        got = gm(*example, state.router_w, state.router_b, state.tau, state.stats,
-                 state.workspace)
+        got = gm(*example, state.router_w, state.router_b, state.tau, state.stats)
         got = got[0] if isinstance(got, (tuple, list)) else got
         assert rel_err(got, model(x)) < 1e-5
 
@@ -608,11 +607,9 @@ def test_lower_to_triton_folds_the_statistics_add_into_the_op(monkeypatch):
     assert after["placeholder"] == before["placeholder"]
     for node in gm.graph.nodes:
         if node.target is torch.ops.ppcompile.sparse_ffn_triton.default:
-            # after tau, the statistics input the op now adds into, and the FFN's workspace
-            stats, workspace = node.args[10:12]
+            stats = node.args[10]  # after tau, the statistics input the op now adds into
             assert stats.op == "placeholder" and stats.name.endswith("_stats")
-            assert workspace.op == "placeholder" and workspace.name.endswith("_workspace")
-            assert list(stats.users) == [node] and list(workspace.users) == [node]
+            assert list(stats.users) == [node]
 
 
 def test_balanced_assign_respects_capacity_and_prefers_high_scores():

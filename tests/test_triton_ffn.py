@@ -102,11 +102,6 @@ def zero_stats(ffn):
     return torch.zeros(2, dtype=torch.float64, device=ffn["x"].device)
 
 
-def workspace(ffn):
-    """A fresh persistent workspace (ops.new_workspace) for the FFN's op calls."""
-    return triton_ffn.new_workspace(ffn["w_down"].shape[0], ffn["x"].device)
-
-
 def mass_before(logits):
     """Per expert, the softmax mass of the experts ranked above it (as the reference ranks)."""
     p = logits.float().softmax(-1)
@@ -239,12 +234,6 @@ PLANS = [
     (2, dict(select="pairwise", sel_e=4, up_list=True, up_pool=2, up_programs=3)),
     (8, dict(up_pool=2, up_programs=3)),
     (40, dict(kind="decode", tile_m=16, up_pool=3, up_programs=2)),
-    # one launch (the default only for tiny FFNs): every up program computes the router itself
-    # (over d in one or several steps), ranks the experts pairwise or sorts them
-    (1, dict(up_pool=0, fuse_router=True)),
-    (2, dict(up_pool=0, fuse_router=True, router_block_k=16)),
-    (2, dict(up_pool=0, fuse_router=True, fused_ranked=False, up_programs=3)),
-    (1, dict(fuse_router=False, fused_ranked=True)),
 ]
 
 
@@ -253,27 +242,6 @@ PLANS = [
 def test_launch_plans(n, config, gated):
     ffn = make_ffn(n, 64, 128, 16, gated=gated, biases=True, seed=n)
     run_and_check(ffn, 0.7, "gelu", 16, config=config)
-
-
-def test_one_launch_leaves_its_workspace_zeroed():
-    """The one-launch plan accumulates y in the caller's persistent workspace (no router kernel
-    zeroes anything) and its last program zeroes it again: one workspace serves any sequence of
-    calls, token counts, taus and methods."""
-    ffn = {n: make_ffn(n, 64, 128, 16, gated=True, biases=True, seed=20 + n) for n in (1, 2)}
-    ws = workspace(ffn[1])
-    config = dict(up_pool=0, fuse_router=True)
-    for n, tau, method in [(1, 0.6, "prunepath"), (2, 0.3, "topk"), (2, 1.0, "prunepath"),
-                           (1, 0.9, "prunepath"), (1, 0.5, "topk")]:
-        y, counts = triton_ffn.sparse_ffn_triton(**ffn[n], tau=tau_tensor(tau),
-                                                 activation="silu", expert_size=16,
-                                                 method=method, workspace=ws, config=config)
-        y_ref, counts_ref = sparse_ffn_reference(**ffn[n], tau=tau_tensor(tau),
-                                                 activation="silu", expert_size=16, method=method)
-        assert torch.allclose(y, y_ref, atol=1e-4) and torch.equal(counts, counts_ref)
-        assert not ws.any(), "the workspace was not left zeroed"
-    with pytest.raises(ValueError, match="workspace: torch.float64"):
-        triton_ffn.sparse_ffn_triton(**ffn[1], tau=tau_tensor(0.5), activation="silu",
-                                     expert_size=16, workspace=ws.double(), config=config)
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.05])
@@ -321,8 +289,7 @@ def test_tau_one_skips_the_router(n, monkeypatch):
     ffn = make_ffn(n, 32, 128, 16, gated=True, biases=True, seed=4)
     for tau, written in [(1.0, False), (0.6, True)]:
         buffers.clear()
-        # (the one-launch plan, which GPUs pick for this tiny FFN, has no logits buffer)
-        _, _, keep = run_and_check(ffn, tau, "silu", 16, config=dict(fuse_router=False))
+        _, _, keep = run_and_check(ffn, tau, "silu", 16)
         logits = [b for b in buffers
                   if b.dtype == torch.float32 and tuple(b.shape) == (1, n, 8)]
         assert len(logits) == 1
@@ -484,24 +451,11 @@ def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     # a pool of claimed steps only on the CUDA-core plans with 2 x SMs programs (it lost on
     # tensor cores; 1 x SMs plans are launch bound)
     assert p.up_pool == (8 if decode and not p.up_dot and p.up_programs == 2 * 132 else 0)
-    # one launch (router in the up kernel) and pairwise ranks instead of a sort only for the
-    # launch-bound FFN with few experts (96; 192 have too large a router and too many pairs)
-    tiny = decode and n <= 2 and shape == (576, 1536) and s == 16
-    assert p.fuse_router == tiny and p.fused_ranked == tiny
 
 
 def test_plan_refuses_a_pool_of_one():
     with pytest.raises(ValueError, match="up_pool=1 must be 0"):
         triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, up_pool=1)
-
-
-def test_plan_refuses_one_launch_where_it_cannot_run():
-    with pytest.raises(ValueError, match="fuse_router needs select='fused'"):
-        triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, fuse_router=True, up_pool=8)
-    with pytest.raises(ValueError, match="fuse_router needs"):
-        triton_ffn.plan(3, 64, 64, 128, 16, n_sm=132, fuse_router=True)
-    with pytest.raises(ValueError, match="fused_ranked is a way of select='fused'"):
-        triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, select="pairwise", fused_ranked=True)
 
 
 def test_plan_refuses_a_list_without_a_selection_kernel():
@@ -525,16 +479,15 @@ def test_gpu_op_registration():
     theirs = torch.ops.ppcompile.sparse_ffn.default._schema
     args = [(a.name, str(a.type)) for a in theirs.arguments]
     assert [(a.name, str(a.type)) for a in ours.arguments] == \
-        args[:10] + [("stats", "Tensor"), ("workspace", "Tensor")] + args[10:]
+        args[:10] + [("stats", "Tensor")] + args[10:]
     assert [str(r.type) for r in ours.returns] == [str(theirs.returns[0].type)]  # y; counts added
-    assert [a.name for a in ours.arguments if a.alias_info and a.alias_info.is_write] == \
-        ["stats", "workspace"]
+    assert [a.name for a in ours.arguments if a.alias_info and a.alias_info.is_write] == ["stats"]
 
     ffn = make_ffn(3, 32, 64, 16, gated=True, biases=True, seed=6)
     stats = torch.tensor([5.0, 1.0], dtype=torch.float64, device=ffn["x"].device)
     for _ in range(2):
-        y = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), stats,
-                                                  workspace(ffn), "silu", 16, "prunepath")
+        y = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau_tensor(0.7), stats, "silu",
+                                                  16, "prunepath")
     y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(0.7), activation="silu",
                                              expert_size=16)
     assert torch.allclose(y, y_ref, atol=1e-4)
@@ -553,8 +506,7 @@ def test_torch_compile_sees_the_kernels(n, monkeypatch):
     tau = tau_tensor(0.7)
 
     def f(*args, stats):
-        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, stats, workspace(ffn), "silu", 16,
-                                                     "prunepath")
+        return torch.ops.ppcompile.sparse_ffn_triton(*args, tau, stats, "silu", 16, "prunepath")
 
     eager_stats, compiled_stats = (zero_stats(ffn) for _ in range(2))
     eager = f(*ffn.values(), stats=eager_stats)
@@ -568,9 +520,8 @@ def test_torch_compile_sees_the_kernels(n, monkeypatch):
 @pytest.mark.parametrize("n", [1, 8, 16])  # past DENSE_ABOVE the op is the reference's torch ops
 def test_inductor_adds_no_kernels(n, listed, monkeypatch):
     """Inductor's mutation analysis must see that the kernels write only their own buffers and
-    the statistics and the workspace: otherwise it clones inputs (tau, weights) before every
-    call, in kernels of its own, or copies the statistics back after it. One token takes the
-    one-launch plan here (a tiny FFN), two launches with "listed". With the residual add a decoder block puts
+    the statistics: otherwise it clones inputs (tau, weights) before every call, in kernels of
+    its own, or copies the statistics back after it. With the residual add a decoder block puts
     after an FFN, Inductor adds exactly that add. "listed": the selection kernels' list of kept
     experts (past LIST_ABOVE experts by default; forced here on a small FFN)."""
     import re
@@ -591,11 +542,10 @@ def test_inductor_adds_no_kernels(n, listed, monkeypatch):
     ffn = make_ffn(n, 64, 128, 16, gated=True, biases=True, dtype=torch.bfloat16, seed=12)
     tau = tau_tensor(0.7)
 
-    stats, ws = zero_stats(ffn), workspace(ffn)
+    stats = zero_stats(ffn)
 
     def f(x, *rest):
-        y = torch.ops.ppcompile.sparse_ffn_triton(x, *rest, tau, stats, ws, "silu", 16,
-                                                  "prunepath")
+        y = torch.ops.ppcompile.sparse_ffn_triton(x, *rest, tau, stats, "silu", 16, "prunepath")
         return x + y
 
     out, codes = run_and_get_code(torch.compile(f, fullgraph=True), *ffn.values())
@@ -604,9 +554,7 @@ def test_inductor_adds_no_kernels(n, listed, monkeypatch):
     own = set(re.findall(r"def (triton_(?:poi|per|red)_\w+)\(", code))
     assert len(own) == 1 and "add" in own.pop(), f"Inductor's kernels around the op: {own}"
     assert stats[1] == n, "the statistics were not added in place"
-    assert not ws.any(), "the one-launch plan's workspace was not left zeroed"
-    y = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau, stats, ws, "silu", 16,
-                                              "prunepath")
+    y = torch.ops.ppcompile.sparse_ffn_triton(*ffn.values(), tau, stats, "silu", 16, "prunepath")
     assert torch.allclose(out.float(), (ffn["x"] + y).float(), atol=1e-2, rtol=1e-2)
 
 
@@ -620,17 +568,16 @@ def test_cuda_graph_replay_follows_tau(n):
     tau = tau_tensor(0.9)
     op = torch.ops.ppcompile.sparse_ffn_triton
     stats, stats_eager = zero_stats(ffn), zero_stats(ffn)
-    ws, ws_eager = workspace(ffn), workspace(ffn)
-    op(*ffn.values(), tau, stats, ws, "silu", 16, "prunepath")  # compile outside the capture
+    op(*ffn.values(), tau, stats, "silu", 16, "prunepath")  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = op(*ffn.values(), tau, stats, ws, "silu", 16, "prunepath")
+        y = op(*ffn.values(), tau, stats, "silu", 16, "prunepath")
     for value in (0.9, 0.2, 1.0):
         tau.fill_(value)
         stats.zero_()
         stats_eager.zero_()
         graph.replay()
-        y_eager = op(*ffn.values(), tau, stats_eager, ws_eager, "silu", 16, "prunepath")
+        y_eager = op(*ffn.values(), tau, stats_eager, "silu", 16, "prunepath")
         assert torch.equal(stats, stats_eager)
         assert torch.allclose(y.float(), y_eager.float(), atol=1e-2, rtol=1e-2)

@@ -14,15 +14,6 @@ from torch import Tensor
 
 from .reference import ffn_hidden, keep_mask, kept_down, sparse_ffn_reference
 
-WORKSPACE_TOKENS = 2  # the one-launch kernel plan serves at most this many tokens
-
-
-def new_workspace(d_out: int, device) -> Tensor:
-    """The zeroed, persistent workspace of one FFN for `ppcompile.sparse_ffn_triton`: an fp32
-    accumulator [WORKSPACE_TOKENS, d_out] and an arrival counter. The one-launch plan (tiny
-    FFNs, one or two tokens) adds into it and leaves it zeroed again; the CPU op ignores it."""
-    return torch.zeros(WORKSPACE_TOKENS * d_out + 1, dtype=torch.float32, device=device)
-
 
 @torch.library.custom_op("ppcompile::sparse_ffn", mutates_args=())
 def sparse_ffn(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_gate: Optional[Tensor],

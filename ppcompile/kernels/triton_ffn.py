@@ -29,10 +29,6 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
        output columns, KS slices of the neurons); with KS > 1 the slices meet in an fp32
        workspace through atomics and the last slice of each tile writes y.
   Decode (N <= 16) therefore takes 2 launches (N <= 2 and d_out small enough) to 4; prefill 4.
-  Tiny FFNs (one or two tokens, a router of at most FUSE_ROUTER_MAX elements) take one: every up
-  program computes the router itself (`Plan.fuse_router`), and the fused down projection
-  accumulates in the FFN's persistent workspace (`ops.new_workspace`), which the last program
-  leaves zeroed, since no router kernel runs to zero it.
 * Block sizes, grids and warps come from `plan()`, a small shape table (no autotuning: the op
   must be capturable in CUDA graphs, and tau, read only on the device, never changes a grid).
 """
@@ -46,7 +42,6 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .ops import WORKSPACE_TOKENS, new_workspace
 from .reference import METHODS, sparse_ffn_reference
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
@@ -60,8 +55,6 @@ DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token til
 # 1482 us for the best kernel plan (benchmarks/results/kernels_prefill.json).
 DENSE_ABOVE = 16
 LIST_ABOVE = 1024       # more (padded) experts than this: the pairwise selection lists the kept
-FUSE_ROUTER_MAX = 2 ** 17  # router elements (padded experts x d) every up program may read itself
-RANKED_MAX = 2 ** 15    # tokens x padded experts^2: the fused selection ranks pairs, no sort
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference
 MAX_TILE_TOKENS = 64    # bits are int64
 MAX_OFFSET = 2 ** 31    # kernels index with int32: tokens x widths, and weights, stay below
@@ -199,38 +192,6 @@ def _select_below_one(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
     ties_needed = n_kept - tl.sum(above.to(tl.int32), axis=1)
     tie_order = tl.cumsum(tie.to(tl.int32), axis=1)
     return above | (tie & (tie_order <= ties_needed[:, None]))
-
-
-@triton.jit
-def _select_ranked(logits, valid, tau, n_exp, TOPK: tl.constexpr):
-    """_select without a sort, for a few tokens and at most a few hundred experts: expert i is
-    kept iff the weight of the experts ranked above it is below the cut (the pairwise test of
-    _select_pairwise_kernel, on all [E, E] pairs at once): prunepath weighs by the softmax p and
-    cuts at tau, topk/static count (weight 1) and cut at round(tau * E)."""
-    eidx = tl.arange(0, logits.shape[1])
-    if tau >= 1.0:
-        keep = valid
-    else:
-        if TOPK:
-            score = logits
-            weight = valid.to(tl.float32)
-            cut = _topk_count(tau, n_exp).to(tl.float32)
-        else:
-            top = tl.max(logits, axis=1)
-            top = tl.where(top > float("-inf"), top, 0.0)
-            ex = tl.where(valid, tl.exp(logits - top[:, None]), 0.0)
-            z = tl.sum(ex, axis=1)
-            score = ex / tl.where(z > 0, z, 1.0)[:, None]
-            weight = score
-            cut = tau
-        s_i = score[:, :, None]
-        s_j = score[:, None, :]
-        i = eidx[None, :, None]
-        j = eidx[None, None, :]
-        above = ((s_j > s_i) | ((s_j == s_i) & (j < i))) & valid[:, None, :] & (j != i)
-        weight_above = tl.sum(tl.where(above, weight[:, None, :], 0.0), axis=2)
-        keep = valid & (weight_above < cut)
-    return keep
 
 
 @triton.jit
@@ -451,15 +412,13 @@ def _up_kernel(
     wu_ptr, stride_uf, stride_uk, bu_ptr,
     wg_ptr, stride_gf, stride_gk, bg_ptr,
     wd_ptr, stride_do, stride_df, bd_ptr,
-    rw_ptr, stride_re, stride_rk, rb_ptr,
     logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr, LIST_COUNTS,
     h_ptr, acc_ptr, counter_ptr, WORK, y_ptr, scr_e_ptr, scr_b_ptr,
     N, D, DO, F, E, S,
     ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
     TOPK: tl.constexpr, FUSED_SELECT: tl.constexpr, LISTED: tl.constexpr, FUSE_DOWN: tl.constexpr,
-    FUSE_ROUTER: tl.constexpr, RANKED: tl.constexpr, R_BLOCK_K: tl.constexpr,
-    R_STEPS: tl.constexpr, WS_TOKENS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     DO_PAD: tl.constexpr, E_PAD: tl.constexpr, MAXE: tl.constexpr, MAXE_PAD: tl.constexpr,
     UNIT: tl.constexpr, POOL: tl.constexpr,
@@ -486,36 +445,16 @@ def _up_kernel(
         # instead of waiting for a selection kernel
         valid = row_ok[:, None] & (eidx[None, :] < E)
         logits = tl.zeros([BLOCK_N, E_PAD], tl.float32)
-        if FUSE_ROUTER:
-            # no router kernel: every program computes the (small) router itself, from L2 after
-            # the first; inline, as in _router_kernel (pointers through a call count as written)
-            if sparse:
-                rk = tl.arange(0, R_BLOCK_K)
-                for ks in range(R_STEPS):
-                    k = ks * R_BLOCK_K + rk
-                    k_ok = k < D
-                    xk = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
-                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    wk = tl.load(rw_ptr + eidx[:, None] * stride_re + k[None, :] * stride_rk,
-                                 mask=(eidx < E)[:, None] & k_ok[None, :], other=0.0)
-                    logits = _mac(xk, wk, logits, False, IEEE)
-                logits += tl.load(rb_ptr + eidx, mask=eidx < E, other=0.0).to(tl.float32)[None, :]
-        else:
-            for r in tl.static_range(R_SPLIT):
-                logits += tl.load(logits_ptr + (r * N + rows[:, None]) * E + eidx[None, :],
-                                  mask=valid, other=0.0)
+        for r in tl.static_range(R_SPLIT):
+            logits += tl.load(logits_ptr + (r * N + rows[:, None]) * E + eidx[None, :],
+                              mask=valid, other=0.0)
         logits = tl.where(valid, logits, float("-inf"))
-        if RANKED:
-            keep = _select_ranked(logits, valid, tau, E, TOPK)
-        else:
-            keep = _select(logits, valid, row_ok, tau, E, TOPK)
+        keep = _select(logits, valid, row_ok, tau, E, TOPK)
         bits = _token_bits(keep, tok, BLOCK_N)
         if p == 0:
             tl.store(bits_ptr + eidx, bits, mask=eidx < E)
             n_kept = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
             tl.atomic_add(counts_ptr, n_kept.to(tl.float64) * S, sem="relaxed")
-            if FUSE_ROUTER:  # the router kernel's share: the tokens
-                tl.atomic_add(counts_ptr + 1, tl.zeros([], tl.float64) + N, sem="relaxed")
     elif not LISTED:
         # (masks through tl.where: the interpreter cannot AND a mask with a loaded scalar)
         bits = tl.load(bits_ptr + m * E + eidx, mask=tl.where(sparse, eidx < E, False), other=0)
@@ -605,21 +544,13 @@ def _up_kernel(
             tl.atomic_add(acc_ptr + out, y_acc, mask=out_ok, sem="relaxed")
         # last program in: all partial sums are in acc (bar.sync, then a gpu-scope acq_rel
         # ticket, as CUTLASS's semaphores do); acc is read from L2 (.cg), never from a stale L1
-        if FUSE_ROUTER:
-            # a persistent workspace (no router kernel to zero it): acc, then the ticket
-            ticket_ptr = (acc_ptr + WS_TOKENS * DO).to(tl.pointer_type(tl.int32), bitcast=True)
-        else:
-            ticket_ptr = counter_ptr + m
         tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        ticket = tl.atomic_add(counter_ptr + m, 1, sem="acq_rel")
         if ticket == P - 1:
             total = tl.load(acc_ptr + out, mask=out_ok, other=0.0, cache_modifier=".cg")
             if HAS_BD:
                 total += tl.load(bd_ptr + oo, mask=oo < DO, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
-            if FUSE_ROUTER:  # leave the workspace as the next call needs it: zero
-                tl.store(acc_ptr + out, tl.zeros([BLOCK_N, DO_PAD], tl.float32), mask=out_ok)
-                tl.store(ticket_ptr, 0)
 
 
 @triton.jit
@@ -691,9 +622,7 @@ class Plan:
     """Launch parameters for one shape. Field names are the override keys of `config=`."""
     tile_m: int             # tokens per tile (<= 64); decode: one tile holding all tokens
     select: str             # "fused" (every up program sorts), "sorted" or "pairwise" kernel
-    fused_ranked: bool      # "fused" selection by the pairwise test on all pairs, not a sort
     fuse_down: bool         # the up kernel also does the down projection (decode, narrow y)
-    fuse_router: bool       # every up program computes the router itself: one launch in all
     up_dot: bool            # tl.dot (tensor cores, tokens padded to 16) vs CUDA-core FMAs
     down_dot: bool
     router_dot: bool
@@ -828,7 +757,7 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
             up_dot=True, down_dot=True, router_dot=True,
             router_block_e=min(64, max(16, e_pad)), router_block_k=64, router_warps=4,
             router_split=1,
-            sel_n=max(1, min(16, 8192 // e_pad)), sel_e=sel_e, sel_warps=4,
+            sel_n=max(1, min(16, 8192 // e_pad)), sel_e=sel_e, sel_warps=4, up_list=False,
             up_programs=triton.cdiv(d_ff, up_sub), up_sub=up_sub, up_block_k=64,
             up_unit=up_sub, up_pool=0, up_warps=4, up_stages=3,
             down_block_q=64, down_block_d=128,
@@ -836,26 +765,14 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         )
     else:
         raise ValueError(f"plan: kind must be 'decode' or 'prefill', got {kind!r}")
-    base.update(overrides)
-    fused = base["select"] == "fused"
-    derived = dict(
+    if kind == "decode":
         # the pairwise selection lists the kept experts and each up program copies its few
         # entries instead of a cumsum over E: faster with 1376-1792 experts (4096x14336 s8, one
         # token: 49.9 -> 47.5 us at 25% active, 76.8 -> 73.9 at 50%), slower with 688-896
         # (4096x14336 s16: 41.7 -> 43.8 us at 25%) for reasons not found (GPU_RUNS.md, run 94)
-        up_list=kind == "decode" and base["select"] == "pairwise" and e_pad > LIST_ABOVE,
-        # a few hundred experts: ranking all pairs costs less than a sort's many rounds
-        fused_ranked=fused and base["tile_m"] * e_pad * e_pad <= RANKED_MAX,
-        # launch-bound FFNs (576x1536): the router kernel and its launch boundary are a third of
-        # the call; each up program reads the small router from L2 instead, and the fused down
-        # projection accumulates in the caller's persistent workspace, which it leaves zeroed
-        fuse_router=(fused and base["fuse_down"] and not base["up_pool"]
-                     and base["tile_m"] <= WORKSPACE_TOKENS and e_pad * d <= FUSE_ROUTER_MAX),
-    )
-    base.update({k: v for k, v in derived.items() if k not in overrides})
-    if base["fuse_router"] and "router_block_k" not in overrides:
-        # [tokens, experts, k] products of <= 16K elements per step
-        base["router_block_k"] = min(d_pad, max(16, 16384 // (base["tile_m"] * e_pad)))
+        base["up_list"] = (overrides.get("select", base["select"]) == "pairwise"
+                           and e_pad > LIST_ABOVE)
+    base.update(overrides)
     p = Plan(**base)
     _check(p, n_tokens)
     return p
@@ -879,13 +796,6 @@ def _check(p: Plan, n_tokens: int):
                          "steps claimed)")
     if p.up_list and p.select == "fused":
         raise ValueError("plan: up_list needs a selection kernel (select 'sorted' or 'pairwise')")
-    if p.fused_ranked and p.select != "fused":
-        raise ValueError(f"plan: fused_ranked is a way of select='fused', not {p.select!r}")
-    if p.fuse_router and not (p.select == "fused" and p.fuse_down and not p.up_pool
-                              and p.tile_m <= WORKSPACE_TOKENS):
-        raise ValueError(f"plan: fuse_router needs select='fused', fuse_down, no up_pool and "
-                         f"tile_m <= {WORKSPACE_TOKENS} (got {p.select!r}, {p.fuse_down}, "
-                         f"{p.up_pool}, {p.tile_m})")
     if p.select == "fused" and n_tokens > p.tile_m:
         raise ValueError("plan: select='fused' needs all tokens in one tile")
     if not p.fuse_down and not p.down_dot and p.tile_m > 8:
@@ -909,16 +819,13 @@ def _check(p: Plan, n_tokens: int):
 
 def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
                       tau, activation: str, expert_size: int, method: str = "prunepath",
-                      stats=None, workspace=None, *, config: dict | None = None,
-                      return_keep: bool = False):
+                      stats=None, *, config: dict | None = None, return_keep: bool = False):
     """The sparse FFN on Triton kernels: (y [..., d_out] in x.dtype, stats).
 
     tau: 0-d float32 tensor on x's device (a Python float is accepted for convenience); it is
     only read by the kernels, so changing it needs no recompile and works in CUDA graphs.
     stats: float64 [2] on x's device, to which (active neurons summed over tokens, tokens) are
     added in place (None: a fresh zero pair, returned).
-    workspace: the FFN's persistent workspace (`ops.new_workspace`), which the one-launch plan of
-    tiny FFNs accumulates in and leaves zeroed (None: a fresh one per call, a memset more).
     method: as in the reference; "oracle" ranks experts by their share of the dense FFN's
     output, so it runs the reference. config: overrides of `plan()` fields (benchmarks and
     tests); return_keep: also return the kept mask [N, E] bool the kernels used (tests)."""
@@ -953,18 +860,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
 
     p = plan(n_tokens, d, d_out, d_ff, expert_size, _num_sms(x.device),
              elem_bytes=x.element_size(), **(config or {}))
-    if not p.fuse_router:
-        workspace = None
-    elif workspace is None:
-        workspace = new_workspace(d_out, x.device)
-    elif (workspace.dtype != torch.float32 or workspace.numel() < WORKSPACE_TOKENS * d_out + 1
-          or workspace.device != x.device or not workspace.is_contiguous()):
-        raise ValueError(f"workspace: {workspace.dtype} [{workspace.numel()}] on "
-                         f"{workspace.device}; the op needs ops.new_workspace({d_out}, "
-                         f"{x.device}), float32 [{WORKSPACE_TOKENS * d_out + 1}]")
     y, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau,
-                      stats, workspace, ACTIVATIONS[activation], method in TOPK_METHODS,
-                      expert_size, p)
+                      stats, ACTIVATIONS[activation], method in TOPK_METHODS, expert_size, p)
     y = y.reshape(*x.shape[:-1], d_out)
     if not return_keep:
         return y, stats
@@ -974,7 +871,7 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
 
 
 def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, counts,
-            workspace, act, topk, s, p: Plan):
+            act, topk, s, p: Plan):
     dev, dtype = x2d.device, x2d.dtype
     n, d = x2d.shape
     d_ff, d_out = w_up.shape[0], w_down.shape[0]
@@ -988,18 +885,14 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     def dummy(dt):
         return _empty((1,), dt, dev)
 
-    need_acc = (p.fuse_down or split_down) and not p.fuse_router
-    n_counters = 0 if p.fuse_router else (n_mtiles if p.fuse_down else
-                                          n_mtiles * n_dtiles if split_down else 0)
-    # partial sums over d (fuse_router: none, the up programs keep their logits)
-    logits = (dummy(torch.float32) if p.fuse_router else
-              _empty((p.router_split, n, n_exp), torch.float32, dev))
+    need_acc = p.fuse_down or split_down
+    n_counters = n_mtiles if p.fuse_down else n_mtiles * n_dtiles if split_down else 0
+    logits = _empty((p.router_split, n, n_exp), torch.float32, dev)  # partial sums over d
     # bits [tiles, E] flat; with up_list each tile's count of listed experts follows them
     n_bits = n_mtiles * n_exp
     bits = _empty((n_bits + (n_mtiles if p.up_list else 0),), torch.int64, dev)
     y = _empty((n, d_out), dtype, dev)
-    acc = (workspace if p.fuse_router else
-           _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32))
+    acc = _empty((n, d_out), torch.float32, dev) if need_acc else dummy(torch.float32)
     n_work = n_mtiles if p.up_pool else 0  # the tiles' claimed-step counters follow
     counters = _empty((max(1, n_counters + n_work),), torch.int32, dev)
     # up_list: the tiles' kept experts in the order they were found (their counts live in bits,
@@ -1016,27 +909,24 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     scr_b = _empty((n_scr,), torch.int64, dev)
 
     # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
-    #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself.
-    #    fuse_router: the up kernel computes the logits, and its workspace is already zero
-    if not p.fuse_router:
-        r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
-        r_grid = (triton.cdiv(n_exp, p.router_block_e) * p.router_split,
-                  triton.cdiv(n, r_block_n))
-        r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
-        n_zero_bits = 0 if p.select == "fused" else bits.numel()
-        n_zero_acc = acc.numel() if need_acc else 0
-        n_zero = max(n_zero_bits, n_zero_acc, n_counters + n_work, 1)
-        zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
-        wrap_triton(_router_kernel)[r_grid](
-            x2d, x2d.stride(0), x2d.stride(1), router_w, router_w.stride(0), router_w.stride(1),
-            router_b, logits, tau, counts,
-            bits, n_zero_bits, acc, n_zero_acc, counters, n_counters + n_work,
-            n, d, n_exp,
-            USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
-            BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k,
-            K_STEPS=r_steps, SPLIT=p.router_split, ZBLOCK=zblock,
-            num_warps=p.router_warps,
-        )
+    #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
+    r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
+    r_grid = (triton.cdiv(n_exp, p.router_block_e) * p.router_split, triton.cdiv(n, r_block_n))
+    r_steps = triton.cdiv(triton.cdiv(d, p.router_block_k), p.router_split)
+    n_zero_bits = 0 if p.select == "fused" else bits.numel()
+    n_zero_acc = acc.numel() if need_acc else 0
+    n_zero = max(n_zero_bits, n_zero_acc, n_counters + n_work, 1)
+    zblock = min(1024, _pow2(triton.cdiv(n_zero, r_grid[0] * r_grid[1])))
+    wrap_triton(_router_kernel)[r_grid](
+        x2d, x2d.stride(0), x2d.stride(1), router_w, router_w.stride(0), router_w.stride(1),
+        router_b, logits, tau, counts,
+        bits, n_zero_bits, acc, n_zero_acc, counters, n_counters + n_work,
+        n, d, n_exp,
+        USE_DOT=p.router_dot, IEEE=ieee or router_w.dtype != dtype,
+        BLOCK_N=r_block_n, BLOCK_E=p.router_block_e, BLOCK_K=p.router_block_k,
+        K_STEPS=r_steps, SPLIT=p.router_split, ZBLOCK=zblock,
+        num_warps=p.router_warps,
+    )
 
     # 2. selection
     if p.select == "sorted":
@@ -1061,15 +951,13 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
         wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
         w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
-        router_w, router_w.stride(0), router_w.stride(1), router_b,
         logits, tau, bits, counts, listed, n_bits,
         h, acc, counters, n_counters, y, scr_e, scr_b,
         n, d, d_out, d_ff, n_exp, s,
         ACT=act, GATED=gated, HAS_BU=b_up is not None, HAS_BG=gated and b_gate is not None,
         HAS_BD=b_down is not None,
         TOPK=topk, FUSED_SELECT=p.select == "fused", LISTED=p.up_list, FUSE_DOWN=p.fuse_down,
-        FUSE_ROUTER=p.fuse_router, RANKED=p.fused_ranked, R_BLOCK_K=p.router_block_k,
-        R_STEPS=triton.cdiv(d, p.router_block_k), WS_TOKENS=WORKSPACE_TOKENS, USE_DOT=p.up_dot,
+        USE_DOT=p.up_dot,
         IEEE=ieee,
         BLOCK_N=p.tile_m, SUB=p.up_sub, BLOCK_K=p.up_block_k,
         K_STEPS=triton.cdiv(d, p.up_block_k), DO_PAD=_pow2(d_out),

@@ -3,8 +3,7 @@
 Matches: `ppcompile.sparse_ffn` nodes whose weights are CUDA tensors, when triton is installed and
 the method runs on the kernels (all but "oracle", which must compute the dense FFN), with the
 `stats.add_(counts)` that rewrite puts after each. Each pair becomes one
-`ppcompile.sparse_ffn_triton` node on the same arguments plus stats and the FFN's workspace input
-(which rewrite added for it): a `triton_op`, so Inductor
+`ppcompile.sparse_ffn_triton` node on the same arguments plus stats: a `triton_op`, so Inductor
 traces its kernel launches into the code it generates (CUDA-graph friendly, no opaque call), and
 its kernels add the counts into stats with their own atomics (the separate add was one more
 kernel launch per FFN and decode step).
@@ -34,7 +33,7 @@ def lower_to_triton(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                if ffn.state is not None and on_gpu(ctx.values[ffn.down.weight])}
     for node in list(gm.graph.nodes):
         if node.target is torch.ops.ppcompile.sparse_ffn.default and _down_weight(node) in lowered:
-            _lower(gm.graph, node, gm.meta["ppcompile_workspaces"])
+            _lower(gm.graph, node)
     position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for ffn in gm.meta["ppcompile_ffns"]:
         if ffn.down.weight not in lowered:
@@ -54,9 +53,8 @@ def on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _lower(graph: fx.Graph, node: fx.Node, workspaces: dict):
-    """sparse_ffn -> (y, counts), stats.add_(counts)
-    =>  y = sparse_ffn_triton(..., stats, workspace, ...)"""
+def _lower(graph: fx.Graph, node: fx.Node):
+    """sparse_ffn -> (y, counts), stats.add_(counts)  =>  y = sparse_ffn_triton(..., stats, ...)"""
     parts = {user.args[1]: user for user in node.users if user.target is operator.getitem}
     adds = list(parts[1].users) if 1 in parts else []
     if len(parts) != len(node.users) or len(adds) != 1 or adds[0].target != "add_":
@@ -66,8 +64,7 @@ def _lower(graph: fx.Graph, node: fx.Node, workspaces: dict):
     args = list(node.args)
     with graph.inserting_before(node):
         lowered = graph.call_function(torch.ops.ppcompile.sparse_ffn_triton.default,
-                                      (*args[:10], add.args[0], workspaces[add.args[0]],
-                                       *args[10:]))
+                                      (*args[:10], add.args[0], *args[10:]))
     if 0 in parts:
         parts[0].replace_all_uses_with(lowered)
     for dead in (add, parts[1], parts.get(0), node):

@@ -4,15 +4,13 @@ Matches: FFNs with a plan (state), and the later uses of their weights (ppcompil
 share the plan and its inputs. Each one's projections and the nodes between them become one
 call of `torch.ops.ppcompile.sparse_ffn` on the FFN's input and its own weight placeholders (in
 nn.Linear layout: Conv1D weights are transposed, fused gate_up weights sliced, all as views),
-followed by `stats.add_(counts)`. The router weights, tau, statistics and the GPU kernels'
-workspace (lower_to_triton hands it to them; the CPU op has no use for it) enter as new graph
+followed by `stats.add_(counts)`. The router weights, tau and statistics enter as new graph
 inputs, appended after the existing ones and marked static (their addresses never change), so
 the same compiled graph serves any layer whose weights it is called with.
 Guarantees: per rewritten FFN the graph loses its projections and activation nodes and gains one
 sparse_ffn node; every other node is untouched; gm.meta["ppcompile_inputs"] lists, per rewritten
 FFN, the input positions of its up and down weights and its expert size, in the order of the
-new inputs (5 per FFN: router_w, router_b, tau, stats, workspace); gm.meta["ppcompile_workspaces"]
-maps each statistics input to its FFN's workspace input.
+new inputs (4 per FFN: router_w, router_b, tau, stats).
 """
 from __future__ import annotations
 
@@ -23,7 +21,7 @@ import torch.fx as fx
 
 from ..kernels import ops  # noqa: F401  (registers torch.ops.ppcompile)
 
-EXTRA_INPUTS = ("router_w", "router_b", "tau", "stats", "workspace")
+EXTRA_INPUTS = ("router_w", "router_b", "tau", "stats")
 
 
 def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -65,8 +63,6 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             continue
         layout.append((position[ffn.up.weight], position[ffn.down.weight], ffn.state.expert_size))
     gm.meta["ppcompile_inputs"] = layout
-    # for lower_to_triton: the workspace input that goes with each statistics input
-    gm.meta["ppcompile_workspaces"] = {e["stats"]: e["workspace"] for e in extras.values()}
     graph.lint()
     gm.recompile()
     return gm
@@ -74,7 +70,7 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 def extra_inputs(state, method) -> list:
     """The values of one FFN's extra graph inputs, in EXTRA_INPUTS order."""
-    return [*state.router_inputs(method), state.tau_input(method), state.stats, state.workspace]
+    return [*state.router_inputs(method), state.tau_input(method), state.stats]
 
 
 def _weight_nodes(graph, ffn) -> dict:
