@@ -234,6 +234,9 @@ PLANS = [
     (2, dict(select="pairwise", sel_e=4, up_list=True, up_pool=2, up_programs=3)),
     (8, dict(up_pool=2, up_programs=3)),
     (40, dict(kind="decode", tile_m=16, up_pool=3, up_programs=2)),
+    # a program per expert (the default for launch-bound FFNs), also after a split router
+    (1, dict(up_by_expert=True)),
+    (2, dict(up_by_expert=True, router_block_k=16, router_split=2)),
 ]
 
 
@@ -451,11 +454,21 @@ def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     # a pool of claimed steps only on the CUDA-core plans with 2 x SMs programs (it lost on
     # tensor cores; 1 x SMs plans are launch bound)
     assert p.up_pool == (8 if decode and not p.up_dot and p.up_programs == 2 * 132 else 0)
+    # a program per expert only for the launch-bound FFN
+    assert p.up_by_expert == (decode and n <= 2 and shape == (576, 1536))
 
 
 def test_plan_refuses_a_pool_of_one():
     with pytest.raises(ValueError, match="up_pool=1 must be 0"):
         triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, up_pool=1)
+
+
+def test_plan_refuses_a_program_per_expert_where_it_cannot_run():
+    with pytest.raises(ValueError, match="up_by_expert needs one or two tokens"):
+        triton_ffn.plan(1, 64, 64, 128, 16, n_sm=132, up_by_expert=True, select="pairwise")
+    with pytest.raises(ValueError, match="up_by_expert needs one or two tokens"):
+        triton_ffn.plan(3, 64, 64, 128, 16, n_sm=132, up_by_expert=True, dot=False,
+                        select="fused")
 
 
 def test_plan_refuses_a_list_without_a_selection_kernel():

@@ -195,6 +195,13 @@ def _select_below_one(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _outranks(s_j, s_i, j, i):
+    """Whether expert j ranks above expert i: a higher score, or the same score and a lower index
+    (the reference's stable descending sort)."""
+    return ((s_j > s_i) | ((s_j == s_i) & (j < i))) & (j != i)
+
+
+@triton.jit
 def _token_bits(keep, tok, BLOCK_N: tl.constexpr):
     """bits [E_PAD] int64 of a kept mask [BLOCK_N, E_PAD]: bit t = token tok[t] keeps e."""
     one = tl.full([BLOCK_N, 1], 1, tl.int64)
@@ -329,11 +336,8 @@ def _select_pairwise_kernel(logits_ptr, tau_ptr, bits_ptr, counts_ptr, list_ptr,
             own_score = tl.exp(own - top) / z  # the same operations as score: the same values
             weight = score
             cut = tau
-        s_j = score[None, :]
-        s_i = own_score[:, None]
-        above = (s_j > s_i) | ((s_j == s_i) & (cols[None, :] < mine[:, None]))
-        above = above & col_ok[None, :] & (cols[None, :] != mine[:, None])
-        weight_above = tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
+        above = _outranks(score[None, :], own_score[:, None], cols[None, :], mine[:, None])
+        weight_above = tl.sum(tl.where(above & col_ok[None, :], weight[None, :], 0.0), axis=1)
         keep = mine_ok & (weight_above < cut)
     bit = tl.where(keep, tl.full([SEL_E], 1, tl.int64) << (n % TILE_M).to(tl.int64), 0)
     old = tl.atomic_or(bits_ptr + (n // TILE_M) * E + mine, bit, mask=keep, sem="relaxed")
@@ -554,6 +558,105 @@ def _up_kernel(
 
 
 @triton.jit
+def _expert_kernel(
+    x_ptr, stride_xn, stride_xk,
+    wu_ptr, stride_uf, stride_uk, bu_ptr,
+    wg_ptr, stride_gf, stride_gk, bg_ptr,
+    wd_ptr, stride_do, stride_df, bd_ptr,
+    logits_ptr, tau_ptr, bits_ptr, counts_ptr, acc_ptr, counter_ptr, y_ptr,
+    N, D, DO, E, S,
+    ACT: tl.constexpr, GATED: tl.constexpr,
+    HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_BD: tl.constexpr,
+    TOPK: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
+    D_PAD: tl.constexpr, DO_PAD: tl.constexpr, E_PAD: tl.constexpr, R_SPLIT: tl.constexpr,
+):
+    """Tiny FFNs, one or two tokens (Plan.up_by_expert): program e is expert e. It issues the
+    loads of its expert's weights first, decides while they are in flight whether its tokens keep
+    it (the pairwise test of _select_pairwise_kernel, for this one expert: no sort), and adds its
+    share of y into acc; the last program to arrive writes y. Launch-bound shapes pay for a chain
+    of latencies, and this takes the selection, the staging and the weights' round trips off it
+    (every expert's weights are read, kept or not: at 576x1536 that is 5.3 MB, ~1.2 us of
+    bandwidth spread over all SMs, under the selection's latency)."""
+    e = tl.program_id(0)
+    tok = tl.arange(0, BLOCK_N)
+    row_ok = tok < N
+    j = tl.arange(0, S_PAD)
+    nrn = e * S + j
+    n_ok = j < S
+    kk = tl.arange(0, D_PAD)
+    k_ok = kk < D
+    oo = tl.arange(0, DO_PAD)
+    o_ok = oo < DO
+    w_ok = n_ok[:, None] & k_ok[None, :]
+    xk = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xk,
+                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + kk[None, :] * stride_uk, mask=w_ok,
+                 other=0.0)
+    if GATED:
+        wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + kk[None, :] * stride_gk, mask=w_ok,
+                     other=0.0)
+    wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                 mask=n_ok[:, None] & o_ok[None, :], other=0.0)
+
+    # which tokens keep expert e (tau >= 1: all; the logits are then not even written)
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    tau = tl.load(tau_ptr)
+    if tau >= 1.0:
+        keep = row_ok
+    else:
+        valid = row_ok[:, None] & col_ok[None, :]
+        logits = tl.zeros([BLOCK_N, E_PAD], tl.float32)
+        for r in tl.static_range(R_SPLIT):
+            logits += tl.load(logits_ptr + (r * N + tok[:, None]) * E + cols[None, :],
+                              mask=valid, other=0.0)
+        if TOPK:
+            score = tl.where(valid, logits, float("-inf"))
+            weight = valid.to(tl.float32)
+            cut = _topk_count(tau, E).to(tl.float32)
+        else:
+            top = tl.max(tl.where(valid, logits, float("-inf")), axis=1)
+            top = tl.where(row_ok, top, 0.0)
+            ex = tl.where(valid, tl.exp(logits - top[:, None]), 0.0)
+            z = tl.sum(ex, axis=1)
+            score = ex / tl.where(z > 0, z, 1.0)[:, None]
+            weight = score
+            cut = tau
+        own = tl.sum(tl.where(cols[None, :] == e, score, 0.0), axis=1)  # exactly score[:, e]
+        above = _outranks(score, own[:, None], cols[None, :], e) & col_ok[None, :]
+        keep = row_ok & (tl.sum(tl.where(above, weight, 0.0), axis=1) < cut)
+    tl.store(bits_ptr + e, tl.sum(tl.where(keep, tl.full([BLOCK_N], 1, tl.int64)
+                                           << tok.to(tl.int64), 0)))
+    n_keep = tl.sum(keep.to(tl.int32), axis=0)
+    if n_keep > 0:
+        tl.atomic_add(counts_ptr, n_keep.to(tl.float64) * S, sem="relaxed")
+        acc_u = _mac(xk, wu, tl.zeros([BLOCK_N, S_PAD], tl.float32), False, IEEE)
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + nrn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_g = _mac(xk, wg, tl.zeros([BLOCK_N, S_PAD], tl.float32), False, IEEE)
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + nrn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            h = _act(acc_g, ACT) * acc_u
+        else:
+            h = _act(acc_u, ACT)
+        h = tl.where(keep[:, None] & n_ok[None, :], h, 0.0)
+        y_part = _mac_nn(h, wd, tl.zeros([BLOCK_N, DO_PAD], tl.float32), False, IEEE)
+        tl.atomic_add(acc_ptr + tok[:, None] * DO + oo[None, :], y_part,
+                      mask=row_ok[:, None] & o_ok[None, :], sem="relaxed")
+    # last program in writes y (as in _up_kernel: bar.sync, acq_rel ticket, .cg loads)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        out = tok[:, None] * DO + oo[None, :]
+        out_ok = row_ok[:, None] & o_ok[None, :]
+        total = tl.load(acc_ptr + out, mask=out_ok, other=0.0, cache_modifier=".cg")
+        if HAS_BD:
+            total += tl.load(bd_ptr + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _down_kernel(
     h_ptr, wd_ptr, stride_do, stride_df, bd_ptr, bits_ptr,
     acc_ptr, counter_ptr, y_ptr, scr_ptr,
@@ -634,6 +737,7 @@ class Plan:
     sel_e: int              # experts per program of _select_pairwise_kernel (one token each)
     sel_warps: int
     up_list: bool           # the selection kernel lists each tile's kept experts for _up_kernel
+    up_by_expert: bool      # _expert_kernel instead of _up_kernel: a program per expert (tiny FFNs)
     up_programs: int        # programs per token tile of _up_kernel
     up_sub: int             # compact neurons per step
     up_block_k: int
@@ -772,6 +876,13 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         # (4096x14336 s16: 41.7 -> 43.8 us at 25%) for reasons not found (GPU_RUNS.md, run 94)
         base["up_list"] = (overrides.get("select", base["select"]) == "pairwise"
                            and e_pad > LIST_ABOVE)
+    # launch-bound FFNs (1 x SMs plans, an expert's rows in one [SUB, d] tile): a program per
+    # expert, whose weight loads go out before the selection instead of after it
+    def final(name):
+        return overrides.get(name, base[name])
+    base["up_by_expert"] = (kind == "decode" and final("fuse_down") and final("select") == "fused"
+                            and final("up_programs") == n_sm and n_tokens <= 2
+                            and _pow2(expert_size) * max(d_pad, do_pad) <= 16384)
     base.update(overrides)
     p = Plan(**base)
     _check(p, n_tokens)
@@ -796,6 +907,10 @@ def _check(p: Plan, n_tokens: int):
                          "steps claimed)")
     if p.up_list and p.select == "fused":
         raise ValueError("plan: up_list needs a selection kernel (select 'sorted' or 'pairwise')")
+    if p.up_by_expert and not (p.select == "fused" and p.fuse_down and p.tile_m <= 2
+                               and n_tokens <= 2):
+        raise ValueError("plan: up_by_expert needs one or two tokens, select='fused' and "
+                         "fuse_down")
     if p.select == "fused" and n_tokens > p.tile_m:
         raise ValueError("plan: select='fused' needs all tokens in one tile")
     if not p.fuse_down and not p.down_dot and p.tile_m > 8:
@@ -904,9 +1019,10 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     span = triton.cdiv(triton.cdiv(d_ff, p.up_unit), p.up_programs) * p.up_unit
     up_maxe = (span - 1) // s + 2
     # (with up_pool, one row of E per tile after them: the pool's experts)
-    n_scr = n_mtiles * (p.up_programs * up_maxe + (n_exp if p.up_pool else 0))
-    scr_e = _empty((n_scr,), torch.int32, dev)
-    scr_b = _empty((n_scr,), torch.int64, dev)
+    n_scr = 0 if p.up_by_expert else n_mtiles * (p.up_programs * up_maxe
+                                                 + (n_exp if p.up_pool else 0))
+    scr_e = _empty((max(1, n_scr),), torch.int32, dev)
+    scr_b = _empty((max(1, n_scr),), torch.int64, dev)
 
     # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
     #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
@@ -946,6 +1062,21 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     gated = w_gate is not None
     wg = w_gate if gated else w_up
     wd_strides = (w_down.stride(0), w_down.stride(1))
+    if p.up_by_expert:
+        wrap_triton(_expert_kernel)[(n_exp,)](
+            x2d, x2d.stride(0), x2d.stride(1),
+            w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
+            wg, wg.stride(0), wg.stride(1), b_gate if b_gate is not None else dummy(dtype),
+            w_down, *wd_strides, b_down if b_down is not None else dummy(dtype),
+            logits, tau, bits, counts, acc, counters, y,
+            n, d, d_out, n_exp, s,
+            ACT=act, GATED=gated, HAS_BU=b_up is not None,
+            HAS_BG=gated and b_gate is not None, HAS_BD=b_down is not None,
+            TOPK=topk, IEEE=ieee, BLOCK_N=p.tile_m, S_PAD=_pow2(s), D_PAD=_pow2(d),
+            DO_PAD=_pow2(d_out), E_PAD=e_pad, R_SPLIT=p.router_split,
+            num_warps=p.up_warps,
+        )
+        return y, bits[:n_bits].view(n_mtiles, n_exp)
     wrap_triton(_up_kernel)[(n_mtiles, p.up_programs)](
         x2d, x2d.stride(0), x2d.stride(1),
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
