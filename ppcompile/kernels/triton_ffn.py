@@ -25,6 +25,8 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
        (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
        W_down at once and reduced into y with fp32 atomics; the last program to finish adds the
        bias and casts y.
+       Launch-bound FFNs (one or two tokens, few experts) take _expert_kernel instead: a program
+       per expert, which loads its expert's weights before it knows whether they are kept.
     4. _down_kernel: y = H @ W_down^T over the union's neurons only, split over (token tile,
        output columns, KS slices of the neurons); with KS > 1 the slices meet in an fp32
        workspace through atomics and the last slice of each tile writes y.
