@@ -572,13 +572,12 @@ def _expert_kernel(
     TOPK: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
     D_PAD: tl.constexpr, DO_PAD: tl.constexpr, E_PAD: tl.constexpr, R_SPLIT: tl.constexpr,
 ):
-    """Tiny FFNs, one or two tokens (Plan.up_by_expert): program e is expert e. It issues the
-    loads of its expert's weights first, decides while they are in flight whether its tokens keep
-    it (the pairwise test of _select_pairwise_kernel, for this one expert: no sort), and adds its
-    share of y into acc; the last program to arrive writes y. Launch-bound shapes pay for a chain
-    of latencies, and this takes the selection, the staging and the weights' round trips off it
-    (every expert's weights are read, kept or not: at 576x1536 that is 5.3 MB, ~1.2 us of
-    bandwidth spread over all SMs, under the selection's latency)."""
+    """Tiny FFNs, one or two tokens (Plan.up_by_expert): program e is expert e. It decides whether
+    its tokens keep it (the pairwise test of _select_pairwise_kernel, for this one expert: no
+    sort), loads its expert's gate, up and down rows (one tile each) and adds its share of y into
+    acc; the last program to arrive writes y. Launch-bound shapes pay for a chain of latencies;
+    this has one selection and one weight round trip per program, where the up kernel sorts,
+    stages the kept experts and walks its slice in steps."""
     e = tl.program_id(0)
     tok = tl.arange(0, BLOCK_N)
     row_ok = tok < N
@@ -590,15 +589,6 @@ def _expert_kernel(
     oo = tl.arange(0, DO_PAD)
     o_ok = oo < DO
     w_ok = n_ok[:, None] & k_ok[None, :]
-    xk = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xk,
-                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + kk[None, :] * stride_uk, mask=w_ok,
-                 other=0.0)
-    if GATED:
-        wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + kk[None, :] * stride_gk, mask=w_ok,
-                     other=0.0)
-    wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
-                 mask=n_ok[:, None] & o_ok[None, :], other=0.0)
 
     # which tokens keep expert e (tau >= 1: all; the logits are then not even written)
     cols = tl.arange(0, E_PAD)
@@ -629,6 +619,17 @@ def _expert_kernel(
         keep = row_ok & (tl.sum(tl.where(above, weight, 0.0), axis=1) < cut)
     tl.store(bits_ptr + e, tl.sum(tl.where(keep, tl.full([BLOCK_N], 1, tl.int64)
                                            << tok.to(tl.int64), 0)))
+    # (loaded only now: loads in flight across the selection made the kernel 50-100x slower
+    # with as many padded experts as threads, GPU_RUNS.md runs 107 and 110)
+    xk = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xk,
+                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + kk[None, :] * stride_uk, mask=w_ok,
+                 other=0.0)
+    if GATED:
+        wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + kk[None, :] * stride_gk, mask=w_ok,
+                     other=0.0)
+    wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                 mask=n_ok[:, None] & o_ok[None, :], other=0.0)
     n_keep = tl.sum(keep.to(tl.int32), axis=0)
     if n_keep > 0:
         tl.atomic_add(counts_ptr, n_keep.to(tl.float64) * S, sem="relaxed")
@@ -879,22 +880,20 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         base["up_list"] = (overrides.get("select", base["select"]) == "pairwise"
                            and e_pad > LIST_ABOVE)
     # launch-bound FFNs (1 x SMs plans, an expert's rows in one [SUB, d] tile): a program per
-    # expert, whose weight loads go out before the selection instead of after it (H200, run 107:
-    # 576x1536 one token 11.1 -> 9.9 us at 25% active, 11.5 -> 8.6 at 100%; two tokens 13.8 ->
-    # 11.8 at 25%); only with fewer (padded) experts than threads, see _check
+    # expert (H200, run 107: 576x1536 one token 11.1 -> 9.9 us at 25% active, 11.5 -> 8.6 at
+    # 100%; two tokens 13.8 -> 11.8 at 25%)
     def final(name):
         return overrides.get(name, base[name])
     base["up_by_expert"] = (kind == "decode" and final("fuse_down") and final("select") == "fused"
                             and final("up_programs") == n_sm and n_tokens <= 2
-                            and _pow2(expert_size) * max(d_pad, do_pad) <= 16384
-                            and e_pad < 32 * final("up_warps"))
+                            and _pow2(expert_size) * max(d_pad, do_pad) <= 16384)
     base.update(overrides)
     p = Plan(**base)
-    _check(p, n_tokens, e_pad)
+    _check(p, n_tokens)
     return p
 
 
-def _check(p: Plan, n_tokens: int, e_pad: int):
+def _check(p: Plan, n_tokens: int):
     for name in ("tile_m", "sel_n", "sel_e", "up_sub", "up_block_k", "down_block_q",
                  "down_block_d", "router_block_e", "router_block_k"):
         v = getattr(p, name)
@@ -916,11 +915,6 @@ def _check(p: Plan, n_tokens: int, e_pad: int):
                                and n_tokens <= 2):
         raise ValueError("plan: up_by_expert needs one or two tokens, select='fused' and "
                          "fuse_down")
-    if p.up_by_expert and e_pad >= 32 * p.up_warps:
-        # measured on an H200 (run 107), cause not found: with as many padded experts as threads
-        # or more, _expert_kernel took 330-920 us instead of 6 (even at tau = 1)
-        raise ValueError(f"plan: up_by_expert needs fewer padded experts ({e_pad}) than threads "
-                         f"(32 x up_warps={p.up_warps})")
     if p.select == "fused" and n_tokens > p.tile_m:
         raise ValueError("plan: select='fused' needs all tokens in one tile")
     if not p.fuse_down and not p.down_dot and p.tile_m > 8:
