@@ -880,13 +880,18 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         base["up_list"] = (overrides.get("select", base["select"]) == "pairwise"
                            and e_pad > LIST_ABOVE)
     # launch-bound FFNs (1 x SMs plans, an expert's rows in one [SUB, d] tile): a program per
-    # expert (H200, run 107: 576x1536 one token 11.1 -> 9.9 us at 25% active, 11.5 -> 8.6 at
-    # 100%; two tokens 13.8 -> 11.8 at 25%)
+    # expert (H200, run 110, us before -> after at 25% active: 576x1536 one token 10.4 -> 8.8,
+    # 8-neuron experts 11.6 -> 8.3; 640x2048 11.4 -> 8.9; 960x2560 12.3 -> 9.8; two tokens
+    # 13.8 -> 11.8)
     def final(name):
         return overrides.get(name, base[name])
     base["up_by_expert"] = (kind == "decode" and final("fuse_down") and final("select") == "fused"
                             and final("up_programs") == n_sm and n_tokens <= 2
                             and _pow2(expert_size) * max(d_pad, do_pad) <= 16384)
+    if base["up_by_expert"]:
+        # one token on 4 warps (run 110, 576x1536 at 25%: 8.8 vs 9.3 us with 8, 8.3 vs 11.0 with
+        # 8-neuron experts), two on 8 (11.8 vs 12.2)
+        base["up_warps"] = 4 if n_tokens == 1 else 8
     base.update(overrides)
     p = Plan(**base)
     _check(p, n_tokens)
