@@ -366,6 +366,22 @@ def test_top_fraction_methods(method, n, tau):
         assert (keep == keep[:1]).all()
 
 
+@pytest.mark.parametrize("method", ["prunepath", "topk", "static"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_program_per_expert_selects_as_the_reference(method, n):
+    """The program-per-expert kernel (the GPU default for launch-bound FFNs, which the
+    interpreter's small grids never pick) decides each expert by itself: every method, tau from
+    one expert per token to all, odd widths and expert counts (d = 48, 24 experts)."""
+    ffn = make_ffn(n, 48, 192, 8, gated=True, biases=True, seed=30 + n)
+    if method == "static":
+        ffn["router_w"].zero_()
+    for tau in (1e-6, 0.5, 0.9, 1.0):
+        _, _, keep = run_and_check(ffn, tau, "silu", 8, config=dict(up_by_expert=True),
+                                   method=method)
+        if method != "prunepath":
+            assert (keep.sum(1) == max(1, round(tau * 24))).all()
+
+
 def test_many_tokens_run_the_reference(monkeypatch):
     """Past DENSE_ABOVE tokens the op is the reference (dense GEMMs, dropped experts masked)."""
     ffn = make_ffn(triton_ffn.DENSE_ABOVE + 1, 64, 128, 16, gated=True, biases=False)
