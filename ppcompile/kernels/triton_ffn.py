@@ -620,7 +620,8 @@ def _expert_kernel(
     tl.store(bits_ptr + e, tl.sum(tl.where(keep, tl.full([BLOCK_N], 1, tl.int64)
                                            << tok.to(tl.int64), 0)))
     # (loaded only now: loads in flight across the selection made the kernel 50-100x slower
-    # with as many padded experts as threads, GPU_RUNS.md runs 107 and 110)
+    # with as many padded experts as threads, GPU_RUNS.md runs 107 and 110; a dropped expert's
+    # rows are read too, as timed there: loading only kept experts' rows is not yet measured)
     xk = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xk,
                  mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + kk[None, :] * stride_uk, mask=w_ok,
