@@ -104,8 +104,10 @@ POOL_CASES = [
 ]
 # launch-bound FFNs: a program per expert (up_by_expert, _expert_kernel) against the up kernel;
 # 640x2048 is Gemma-3-270m's FFN, 960x2560 SmolLM2-360M's (run 106 tried one launch instead:
-# slower; run 107 timed this kernel with its weight loads before the selection, run 110 after)
-_BY = {"up kernel": dict(up_by_expert=False), "4 warps": dict(up_warps=4)}
+# slower; run 107 timed this kernel with its weight loads before the selection, run 110 after;
+# one of the warp counts is the default: 4 for one token, 8 for two since run 110)
+_BY = {"up kernel": dict(up_by_expert=False), "4 warps": dict(up_warps=4),
+       "8 warps": dict(up_warps=8)}
 BY_EXPERT_CASES = [
     (576, 1536, 1, 16, [0.25, 1.0], _BY), (576, 1536, 1, 8, [0.25, 0.5], _BY),
     (640, 2048, 1, 16, [0.25], _BY), (640, 2048, 1, 8, [0.25], _BY),

@@ -25,8 +25,8 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
        (only active columns are written) or, for one or two tokens (FUSE_DOWN), multiplied by
        W_down at once and reduced into y with fp32 atomics; the last program to finish adds the
        bias and casts y.
-       Launch-bound FFNs (one or two tokens, few experts) take _expert_kernel instead: a program
-       per expert, which loads its expert's weights before it knows whether they are kept.
+       Launch-bound FFNs (one or two tokens, experts of one tile) take _expert_kernel instead: a
+       program per expert, which selects for its own expert, then loads its rows once.
     4. _down_kernel: y = H @ W_down^T over the union's neurons only, split over (token tile,
        output columns, KS slices of the neurons); with KS > 1 the slices meet in an fp32
        workspace through atomics and the last slice of each tile writes y.
@@ -1025,15 +1025,6 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     listed = _empty((n_bits,), torch.int32, dev) if p.up_list else dummy(torch.int32)
     h = dummy(dtype) if p.fuse_down else _empty((n, d_ff), dtype, dev)
 
-    # scratch rows: the experts one program touches (see _up_kernel)
-    span = triton.cdiv(triton.cdiv(d_ff, p.up_unit), p.up_programs) * p.up_unit
-    up_maxe = (span - 1) // s + 2
-    # (with up_pool, one row of E per tile after them: the pool's experts)
-    n_scr = 0 if p.up_by_expert else n_mtiles * (p.up_programs * up_maxe
-                                                 + (n_exp if p.up_pool else 0))
-    scr_e = _empty((max(1, n_scr),), torch.int32, dev)
-    scr_b = _empty((max(1, n_scr),), torch.int64, dev)
-
     # 1. router logits, and zeroing of what later kernels accumulate into (bits: atomic_or,
     #    acc: atomic_add, counters: arrival tickets); the fused selection writes bits itself
     r_block_n = p.tile_m if p.router_dot else min(16, _pow2(n))
@@ -1087,6 +1078,13 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
             num_warps=p.up_warps,
         )
         return y, bits[:n_bits].view(n_mtiles, n_exp)
+    # scratch rows: the experts one program touches (see _up_kernel); with up_pool, one row of E
+    # per tile after them: the pool's experts
+    span = triton.cdiv(triton.cdiv(d_ff, p.up_unit), p.up_programs) * p.up_unit
+    up_maxe = (span - 1) // s + 2
+    n_scr = n_mtiles * (p.up_programs * up_maxe + (n_exp if p.up_pool else 0))
+    scr_e = _empty((n_scr,), torch.int32, dev)
+    scr_b = _empty((n_scr,), torch.int64, dev)
     wrap_triton(_up_kernel)[(n_mtiles, p.up_programs)](
         x2d, x2d.stride(0), x2d.stride(1),
         w_up, w_up.stride(0), w_up.stride(1), b_up if b_up is not None else dummy(dtype),
