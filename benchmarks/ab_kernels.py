@@ -3,11 +3,12 @@ kernels.py times (CUDA graph over weight copies larger than L2, median per call)
 
     python benchmarks/ab_kernels.py --prev 3d836a5 --out DIR [--cases NAME]   (CASE_SETS below)
 
-The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` into a module
-beside the current one (removed afterwards). Each row is (shape, batch, expert size, active
-fraction, variant); variants are the earlier default plan ("prev"), the current default plan
-("new") and plan overrides of the current code. Every timed call is also checked: kept count as
-constructed, relative error against the torch reference.
+The earlier `ppcompile/kernels/triton_ffn.py` is taken with `git show REV:...` (or, where --prev
+names a file, that file: a saved copy of the kernels) into a module beside the current one
+(removed afterwards). Each row is (shape, batch, expert size, active fraction, variant); variants
+are the earlier default plan ("prev", or "prev NAME" per file when --prev names several), the
+current default plan ("new") and plan overrides of the current code. Every timed call is also
+checked: kept count as constructed, relative error against the torch reference.
 """
 from __future__ import annotations
 
@@ -118,13 +119,17 @@ CASE_SETS = {"selection": CASES, "router": ROUTER_CASES, "defaults": DEFAULT_CAS
              "by-expert": BY_EXPERT_CASES}
 
 
-def load_prev(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:ppcompile/kernels/triton_ffn.py"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
-    path = ROOT / "ppcompile" / "kernels" / f"{PREV_MODULE}.py"
+def load_prev(rev: str, index: int = 0):
+    if Path(rev).is_file():
+        src = Path(rev).read_text()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:ppcompile/kernels/triton_ffn.py"],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    module = f"{PREV_MODULE}{index}"
+    path = ROOT / "ppcompile" / "kernels" / f"{module}.py"
     path.write_text(src)
     try:
-        return importlib.import_module(f"ppcompile.kernels.{PREV_MODULE}")
+        return importlib.import_module(f"ppcompile.kernels.{module}")
     finally:
         path.unlink()
 
@@ -135,12 +140,14 @@ def _takes_stats(mod) -> bool:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prev", required=True, help="git revision of the earlier kernels")
+    ap.add_argument("--prev", required=True, nargs="+",
+                    help="git revisions of the earlier kernels, or files holding them")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--cases", choices=list(CASE_SETS), default="selection")
     args = ap.parse_args()
-    prev = load_prev(args.prev)
-    for m in (prev, new):
+    prevs = [("prev" if len(args.prev) == 1 else f"prev {Path(rev).stem}", load_prev(rev, i))
+             for i, rev in enumerate(args.prev)]
+    for m in [new] + [mod for _, mod in prevs]:
         m.wrap_triton = lambda kernel: kernel  # launch directly, plan overrides allowed
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 60e6
     tau = torch.tensor(kb.TAU, device="cuda")
@@ -149,7 +156,7 @@ def main():
     for d, d_ff, batch, s, fractions, overrides in CASE_SETS[args.cases]:
         copies = kb.copies_for(d, d_ff, l2)
         weights = kb.Weights(d, d_ff, copies)
-        variants = [("prev", prev, {}), ("new", new, {})] + [
+        variants = [(label, mod, {}) for label, mod in prevs] + [("new", new, {})] + [
             (name, new, cfg) for name, cfg in overrides.items()]
         for fraction in fractions:
             x, routers, _, kept = kb.routed_inputs(d, d_ff // s, batch, fraction or s / d_ff,

@@ -6,7 +6,7 @@
 # revision), anatomy (benchmarks/anatomy.py), decode-anatomy (benchmarks/decode_anatomy.py:
 # a decode step's kernels, dense vs prunepath; ANATOMY_ARGS adds arguments), tests (tests/test_gpu.py), recompiles (the
 # prompt-length test with dynamo's recompile reasons), triton-tests
-# (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b (benchmarks/decode.py;
+# (tests/test_triton_ffn.py on compiled kernels), decode-1b, decode-8b, decode-smollm2 (benchmarks/decode.py;
 # DECODE_ARGS adds arguments, e.g. "--batches 1 --fractions 0.5 0.25"; KERNELS_ARGS to
 # kernels.py, e.g. "--skip decode sweep" for numerics and the many-token table only;
 # TRITON_TESTS_K selects kernel tests, e.g. "launch_plans or ties").
@@ -36,7 +36,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
   name=${section%%:*} limit=${section#*:}
   case $name in
     kernels)      step kernels "$limit" python benchmarks/kernels.py --out "$RESULTS" --budget-s $((limit - 50)) ${KERNELS_ARGS:-} ;;
-    ab)           step ab "$limit" python benchmarks/ab_kernels.py --prev "${AB_PREV:?AB_PREV names the revision to compare with}" --out "$RESULTS" ${AB_ARGS:-} ;;
+    ab)           step ab "$limit" python benchmarks/ab_kernels.py --prev ${AB_PREV:?AB_PREV names the revisions or kernel files to compare with} --out "$RESULTS" ${AB_ARGS:-} ;;
     anatomy)      step anatomy "$limit" python benchmarks/anatomy.py --out "$RESULTS" ;;
     decode-anatomy) step decode_anatomy "$limit" python benchmarks/decode_anatomy.py --out "$RESULTS" ${ANATOMY_ARGS:-} ;;
     recompiles)   TORCH_LOGS=recompiles step recompiles "$limit" python -m pytest -q -x -s -p no:cacheprovider tests/test_gpu.py -k prompt_lengths ;;
@@ -44,6 +44,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
     triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ${TRITON_TESTS_K:+-k "$TRITON_TESTS_K"} ;;
     decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b ${DECODE_ARGS:-} --out "$RESULTS/decode_1b.json" ;;
     decode-8b)    step decode_8b "$limit" python benchmarks/decode.py --models llama3-8b ${DECODE_ARGS:-} --out "$RESULTS/decode_8b.json" ;;
+    decode-smollm2) step decode_smollm2 "$limit" python benchmarks/decode.py --models smollm2-135m --expert-size 8 ${DECODE_ARGS:-} --out "$RESULTS/decode_smollm2.json" ;;
     *) log "unknown section $name" ;;
   esac
 done

@@ -30,13 +30,18 @@ import ppcompile
 from .ffn import REGISTRY
 from .kernels.reference import keep_mask
 
-LLAMA_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B
+LLAMA_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B, Meta-Llama-3-8B, SmolLM2-135M
     "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                       tie_word_embeddings=True),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       tie_word_embeddings=False),
+    # launch-bound: its 576x1536 FFNs run on the program-per-expert kernel
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         tie_word_embeddings=True, vocab_size=49152, rope_theta=100000.0,
+                         bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -45,9 +50,11 @@ def random_llama(name: str, dtype=torch.bfloat16, device="cuda", layers: int | N
     layers: fewer decoder layers than the real model (the per-layer kernels are the same)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(LLAMA_SHAPES[name], **({} if layers is None else {"num_hidden_layers": layers}))
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=128000, eos_token_id=128001, **shape)
+    shape = {"vocab_size": 128256, "rope_theta": 500000.0, "bos_token_id": 128000,
+             "eos_token_id": 128001, **LLAMA_SHAPES[name]}
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    config = LlamaConfig(max_position_embeddings=8192, **shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)

@@ -230,6 +230,20 @@ def test_bench_help_and_no_gpu(capsys):
             cli.main(["bench", "--model", "llama3-1b"])
 
 
+@pytest.mark.parametrize("name", ["llama3-1b", "llama3-8b", "smollm2-135m"])
+def test_bench_shapes_are_the_public_configs(name):
+    from ppcompile import bench
+    model = bench.random_llama(name, device="meta", layers=1)  # shapes only, no memory
+    shape = bench.LLAMA_SHAPES[name]
+    cfg = model.config
+    assert cfg.hidden_size == shape["hidden_size"] and cfg.num_hidden_layers == 1
+    mlp = model.model.layers[0].mlp
+    assert tuple(mlp.gate_proj.weight.shape) == (shape["intermediate_size"], shape["hidden_size"])
+    vocab = {"smollm2-135m": 49152}.get(name, 128256)
+    assert tuple(model.lm_head.weight.shape) == (vocab, shape["hidden_size"])
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == shape["tie_word_embeddings"]
+
+
 def test_python_m_ppcompile_runs():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-m", "ppcompile", "demo", "--help"], cwd=root,

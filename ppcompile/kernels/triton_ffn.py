@@ -26,7 +26,7 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
        W_down at once and reduced into y with fp32 atomics; the last program to finish adds the
        bias and casts y.
        Launch-bound FFNs (one or two tokens, experts of one tile) take _expert_kernel instead: a
-       program per expert, which selects for its own expert, then loads its rows once.
+       program per expert, which selects for its own expert, then loads its rows once if kept.
     4. _down_kernel: y = H @ W_down^T over the union's neurons only, split over (token tile,
        output columns, KS slices of the neurons); with KS > 1 the slices meet in an fp32
        workspace through atomics and the last slice of each tile writes y.
@@ -574,10 +574,10 @@ def _expert_kernel(
 ):
     """Tiny FFNs, one or two tokens (Plan.up_by_expert): program e is expert e. It decides whether
     its tokens keep it (the pairwise test of _select_pairwise_kernel, for this one expert: no
-    sort), loads its expert's gate, up and down rows (one tile each) and adds its share of y into
-    acc; the last program to arrive writes y. Launch-bound shapes pay for a chain of latencies;
-    this has one selection and one weight round trip per program, where the up kernel sorts,
-    stages the kept experts and walks its slice in steps."""
+    sort); if one does, it loads the expert's gate, up and down rows (one tile each) and adds its
+    share of y into acc; the last program to arrive writes y. Launch-bound shapes pay for a chain
+    of latencies; this has one selection and one weight round trip per program, where the up
+    kernel sorts, stages the kept experts and walks its slice in steps."""
     e = tl.program_id(0)
     tok = tl.arange(0, BLOCK_N)
     row_ok = tok < N
@@ -593,15 +593,17 @@ def _expert_kernel(
     # which tokens keep expert e (tau >= 1: all; the logits are then not even written)
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
+    # the logits are loaded beside tau, not after it: one round trip less (at tau >= 1 they
+    # are not written, and not used)
+    valid = row_ok[:, None] & col_ok[None, :]
+    logits = tl.zeros([BLOCK_N, E_PAD], tl.float32)
+    for r in tl.static_range(R_SPLIT):
+        logits += tl.load(logits_ptr + (r * N + tok[:, None]) * E + cols[None, :], mask=valid,
+                          other=0.0)
     tau = tl.load(tau_ptr)
     if tau >= 1.0:
         keep = row_ok
     else:
-        valid = row_ok[:, None] & col_ok[None, :]
-        logits = tl.zeros([BLOCK_N, E_PAD], tl.float32)
-        for r in tl.static_range(R_SPLIT):
-            logits += tl.load(logits_ptr + (r * N + tok[:, None]) * E + cols[None, :],
-                              mask=valid, other=0.0)
         if TOPK:
             score = tl.where(valid, logits, float("-inf"))
             weight = valid.to(tl.float32)
@@ -619,20 +621,20 @@ def _expert_kernel(
         keep = row_ok & (tl.sum(tl.where(above, weight, 0.0), axis=1) < cut)
     tl.store(bits_ptr + e, tl.sum(tl.where(keep, tl.full([BLOCK_N], 1, tl.int64)
                                            << tok.to(tl.int64), 0)))
-    # (loaded only now: loads in flight across the selection made the kernel 50-100x slower
-    # with as many padded experts as threads, GPU_RUNS.md runs 107 and 110; a dropped expert's
-    # rows are read too, as timed there: loading only kept experts' rows is not yet measured)
-    xk = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xk,
-                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + kk[None, :] * stride_uk, mask=w_ok,
-                 other=0.0)
-    if GATED:
-        wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + kk[None, :] * stride_gk, mask=w_ok,
-                     other=0.0)
-    wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
-                 mask=n_ok[:, None] & o_ok[None, :], other=0.0)
     n_keep = tl.sum(keep.to(tl.int32), axis=0)
     if n_keep > 0:
+        # only a kept expert's rows are read, and only now: loads in flight across the
+        # selection made the kernel 50-100x slower with as many padded experts as threads
+        # (GPU_RUNS.md runs 107 and 110)
+        xk = tl.load(x_ptr + tok[:, None] * stride_xn + kk[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wu = tl.load(wu_ptr + nrn[:, None] * stride_uf + kk[None, :] * stride_uk, mask=w_ok,
+                     other=0.0)
+        if GATED:
+            wg = tl.load(wg_ptr + nrn[:, None] * stride_gf + kk[None, :] * stride_gk,
+                         mask=w_ok, other=0.0)
+        wd = tl.load(wd_ptr + oo[None, :] * stride_do + nrn[:, None] * stride_df,
+                     mask=n_ok[:, None] & o_ok[None, :], other=0.0)
         tl.atomic_add(counts_ptr, n_keep.to(tl.float64) * S, sem="relaxed")
         acc_u = _mac(xk, wu, tl.zeros([BLOCK_N, S_PAD], tl.float32), False, IEEE)
         if HAS_BU:
