@@ -128,6 +128,12 @@ def test_plan_cache_serves_the_same_weights_until_the_planner_changes(monkeypatc
                                options={"tau": 0.6, "expert_size": 8})
         assert rel_err(run(cached), out) < 1e-5
     assert calls == []
+    # no options at all: the cached plan runs at the default tau, not at the plan's
+    torch._dynamo.reset()
+    bare = torch.compile(tiny_model("llama"), backend="prunepath")
+    run(bare)
+    assert calls == []
+    assert {r["tau"] for r in ppcompile.report(bare).rows} == {ppcompile.Options().tau}
     monkeypatch.setattr(ppcompile.plan, "planner_version", lambda: "other-code")
     torch._dynamo.reset()
     run(compile_model(tiny_model("llama"), tau=0.6))
