@@ -212,6 +212,17 @@ def test_distill_routers_trains_only_routers_and_keeps_them_only_if_they_help():
     assert all(float(s.tau) == 1.0 for s in states)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_distill_updates_count_the_calibration_tokens_of_a_stream_too(stream):
+    """~2048 tokens per update whether the calibration data is [N, T] rows or one 1-D token
+    stream (which had been counted as a single token: one update per epoch)."""
+    data = torch.randint(0, 128, (128, 32), generator=torch.Generator().manual_seed(2))
+    _, gm, ctx = planned_graph(distill_epochs=1, calibration=data.flatten() if stream else data)
+    gm = distill_routers(gm, ctx)
+    # 4096 tokens in windows of 12 (IDS), 2 per batch: one batch checks, the rest make 2 updates
+    assert len(gm.meta["ppcompile_distill"]["losses"]) == 2
+
+
 def test_distill_routers_repairs_damaged_routers():
     """Routers scrambled after the per-layer fit (each expert gets another's router row):
     distillation must lower the loss and the check batch's output error, and be kept."""

@@ -115,7 +115,8 @@ def _distill(gm, ctx, planned):
             for r, (ffn, _) in list(zip(routers, planned))[fixed:]])
         fraction_of = _fractions(planned, verdict["curves"])
         data = opts.calibration
-        tokens = data.shape[0] * data.shape[1] if data is not None and data.dim() >= 2 else 1
+        # a 1-D token stream counts all its tokens (it is cut into windows as [N, T] rows are)
+        tokens = data.shape[:2].numel() if data is not None else 1
         per_update = max(1, math.ceil(TOKENS_PER_UPDATE * len(batches) / max(tokens, 1)))
         train = list(range(1, len(batches)))
         precision = plan_precision(gm, planned)
