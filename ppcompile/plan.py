@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -145,12 +146,15 @@ def save(path, states, fingerprint: str, options: dict, calibration: dict | None
         raise IsADirectoryError(f"save_plan: {str(path)!r} is a directory; give a file path, "
                                 "e.g. its 'plan.safetensors'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary name of this writer's own (processes sharing a cache may write the same plan),
+    # renamed into place: readers never see half a file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
     try:
-        save_file(tensors, str(tmp), metadata={"ppcompile": json.dumps(header)})
+        save_file(tensors, tmp, metadata={"ppcompile": json.dumps(header)})
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def load(path) -> tuple[dict, dict]:

@@ -250,6 +250,20 @@ def test_plan_cache_tells_architectures_apart(monkeypatch):
         run(compile_model(tiny_model("gpt_neox", use_parallel_residual=parallel), tau=0.6))
     assert calls == [1, 1]
 
+
+def test_an_unwritable_plan_cache_warns_and_the_compile_goes_on(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("PPCOMPILE_CACHE_DIR", str(blocker / "plans"))  # under a file
+    model = tiny_model("llama")
+    eager = run(model)
+    with pytest.warns(UserWarning, match="could not store the plan in the plan cache"):
+        compiled = compile_model(model, tau=0.6)
+        sparse = run(compiled)
+    assert rel_err(sparse, eager) > 1e-3  # planned and running sparse
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
 def test_new_plan_options_replan_and_stay_exact():
     model = tiny_model("llama")
     eager = run(model)

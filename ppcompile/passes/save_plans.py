@@ -4,8 +4,12 @@ Matches: graphs in which at least one FFN was planned by this compile (options.c
 Guarantees: the graph is unchanged; the plan of every FFN of the graph is written to the cache
 under the graph's fingerprint, the plan options and the calibration data's hash, so the same
 compile later (or a bare options={"tau": ...} compile of the same weights) skips calibration.
+A cache that cannot be written (PPCOMPILE_CACHE_DIR unwritable, disk full) costs a warning, not
+the compile: the cache only saves time.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch.fx as fx
 
@@ -24,8 +28,12 @@ def save_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     opts = ctx.options
     calibration = plans.data_hash(opts.calibration)
     path = plans.cache_path(fingerprint, opts.plan_key(), calibration or "inputs")
-    plans.save(path, [f.state for f in ffns if f.state is not None], fingerprint,
-               dict(zip(PLAN_FIELDS, opts.plan_key())), calibration={"sha": calibration})
-    gm.meta["ppcompile_plan_path"] = str(path)
+    try:
+        plans.save(path, [f.state for f in ffns if f.state is not None], fingerprint,
+                   dict(zip(PLAN_FIELDS, opts.plan_key())), calibration={"sha": calibration})
+    except OSError as e:
+        warnings.warn(f"ppcompile: could not store the plan in the plan cache ({e}); the next "
+                      "compile of this model will calibrate again (set PPCOMPILE_CACHE_DIR to a "
+                      "writable directory, or options={'cache': False})", stacklevel=2)
     return gm
 
