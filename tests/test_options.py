@@ -1,4 +1,6 @@
 """Bad options fail early with a message that names the option, the value and what is allowed."""
+import importlib
+
 import pytest
 import torch
 
@@ -76,12 +78,16 @@ def test_calibration_shorter_than_traced_input_is_refused():
         compiled(torch.randint(0, 128, (1, 8)))
 
 
-def test_expert_size_must_divide_d_ff():
+def test_expert_size_must_divide_d_ff(monkeypatch):
+    module = importlib.import_module("ppcompile.passes.calibrate")
+    calls = []
+    monkeypatch.setattr(module, "calibration_batches", lambda *a: calls.append(1))
     model = tiny_model("llama")  # d_ff = 64
     compiled = torch.compile(model, backend="prunepath", options={
         "expert_size": 24, "calibration": torch.randint(0, 128, (8, 8))})
     with pytest.raises(Exception, match="'expert_size'=24 does not divide d_ff=64.*32"):
         compiled(torch.randint(0, 128, (1, 8)))
+    assert calls == []  # refused before calibrating
 
 
 def test_numpy_tau_is_a_float():

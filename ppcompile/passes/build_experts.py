@@ -26,12 +26,7 @@ def build_experts(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     for ffn in gm.meta["ppcompile_ffns"]:
         if ffn.state is not None or ffn.sample is None:
             continue
-        if ffn.d_ff % size:
-            divisors = [k for k in range(1, ffn.d_ff + 1) if ffn.d_ff % k == 0]
-            near = sorted(divisors, key=lambda k: abs(k - size))[:4]
-            raise OptionError(
-                f"option 'expert_size'={size} does not divide d_ff={ffn.d_ff} of FFN '{ffn.name}'; "
-                f"use a divisor of {ffn.d_ff}, e.g. {', '.join(map(str, sorted(near)))}")
+        refuse_indivisible([ffn], size)
         gen = torch.Generator(device="cpu").manual_seed(ctx.options.seed)
         assign = balanced_kmeans(_features(ffn.sample["h"]), ffn.d_ff // size, size, gen)
         perm = torch.argsort(assign * ffn.d_ff + torch.arange(ffn.d_ff, device=assign.device))
@@ -88,6 +83,18 @@ def balanced_assign(score: torch.Tensor, capacity: int) -> torch.Tensor:
         won = rank < room[col]
         assign[open_rows[order[won]]] = col[won]
         room -= torch.bincount(col[won], minlength=cols)
+
+
+def refuse_indivisible(ffns, size: int):
+    """OptionError for the first FFN whose width `size` does not divide (calibrate calls this
+    before it runs anything)."""
+    for ffn in ffns:
+        if ffn.d_ff % size:
+            divisors = [k for k in range(1, ffn.d_ff + 1) if ffn.d_ff % k == 0]
+            near = sorted(divisors, key=lambda k: abs(k - size))[:4]
+            raise OptionError(
+                f"option 'expert_size'={size} does not divide d_ff={ffn.d_ff} of FFN "
+                f"'{ffn.name}'; use a divisor of {ffn.d_ff}, e.g. {', '.join(map(str, sorted(near)))}")
 
 
 def permute_neurons_(weights: dict, perm: torch.Tensor):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..graph import concrete, is_user_input
 from ..options import OptionError
+from .build_experts import refuse_indivisible
 
 
 # The dense outputs of the calibration batches stay (gm.meta["ppcompile_dense"]: batch index ->
@@ -44,6 +45,7 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     todo = [f for f in gm.meta["ppcompile_ffns"] if f.state is None]
     if not todo:
         return gm
+    refuse_indivisible(todo, ctx.options.expert_size)  # before the calibration runs, not after
     batches = calibration_batches(gm, ctx)
     sampler = _Sampler(todo, len(batches), ctx.options)
     observed = _observed_copy(gm, todo, sampler)
