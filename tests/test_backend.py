@@ -176,6 +176,21 @@ def test_plan_applies_to_weights_in_any_neuron_order(tmp_path, order, source):
         assert torch.equal(a.mlp.up_proj.weight, b.mlp.up_proj.weight)
 
 
+def test_a_plan_serves_the_model_compiled_another_way(tmp_path):
+    """A plan saved from torch.compile(model) names the FFNs 'model.layers.0.mlp', ...; a
+    function around the model `fresh` names them 'fresh.model.layers.0.mlp', ...: the same."""
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.6)
+    out = run(compiled)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    fresh = tiny_model("llama")
+    torch._dynamo.reset()
+    again = torch.compile(lambda ids: fresh(ids), backend="prunepath",
+                          options={"tau": 0.6, "plan": str(path)})
+    assert rel_err(run(again), out) < 1e-5
+
+
 def test_weights_loaded_into_a_compiled_model_are_checked_at_the_next_compile():
     """load_state_dict writes into the tensors a plan is registered by: the next compile puts the
     same weights back in the plan's order, and plans other weights anew."""

@@ -124,18 +124,30 @@ def graph_fingerprint(gm, ctx) -> str:
     return plans.graph_fingerprint(others, signatures, structure)
 
 
+def _entry_name(name: str, entries) -> str | None:
+    """The plan entry for FFN `name`: the same name, or the only one that differs from it by a
+    leading path only. The names come from how the model was compiled: torch.compile(model)
+    calls a Llama FFN 'model.layers.0.mlp' where a function around the model `m` makes it
+    'm.model.layers.0.mlp' (the weights' signature check, after this, tells models apart)."""
+    if name in entries:
+        return name
+    same = [k for k in entries if k.endswith("." + name) or name.endswith("." + k)]
+    return same[0] if len(same) == 1 else None
+
+
 def apply_plan(ffns, header, tensors, ctx, path, strict):
     """Give each FFN the plan's entry of the same name, after checking that it fits."""
     # plans made before FFN names lost the 'args.' of wrapped forwards still match
     entries = {e["name"].removeprefix("args."): (i, e) for i, e in enumerate(header["ffns"])}
     for ffn in ffns:
-        if ffn.name not in entries:
+        name = _entry_name(ffn.name, entries)
+        if name is None:
             if not strict:
                 continue
             raise OptionError(
                 f"option 'plan': {path!r} has no FFN named '{ffn.name}' (it has "
                 f"{', '.join(sorted(entries)) or 'none'}); it was made for another model")
-        i, entry = entries[ffn.name]
+        i, entry = entries[name]
         want = dict(kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model, d_ff=ffn.d_ff)
         got = {k: entry[k] for k in want}
         if got != want:
