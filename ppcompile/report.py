@@ -17,8 +17,10 @@ def _states(compiled) -> list[SparseFFN]:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(
             f"ppcompile: expected the module returned by torch.compile (or the module itself), "
-            f"got {type(compiled).__name__}")
-    return REGISTRY.states_of(list(module.parameters()))
+            f"got {type(compiled).__name__} (after model.forward = torch.compile(model.forward, "
+            f"...), pass the model: ppcompile.set_tau(model, 0.7))")
+    # FFN weights may be buffers too (the backend plans whatever tensors the graph reads)
+    return REGISTRY.states_of([*module.parameters(), *module.buffers()])
 
 
 def set_tau(compiled, tau: float) -> None:

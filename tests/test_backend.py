@@ -191,6 +191,35 @@ def test_a_plan_serves_the_model_compiled_another_way(tmp_path):
     assert rel_err(run(again), out) < 1e-5
 
 
+class BufferFFN(torch.nn.Module):
+    """An FFN whose weights are buffers, not parameters."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w_up", torch.randn(64, 32, generator=g) / 32 ** 0.5)
+        self.register_buffer("w_down", torch.randn(32, 64, generator=g) / 8)
+
+    def forward(self, x):
+        return x + torch.nn.functional.linear(
+            torch.relu(torch.nn.functional.linear(x, self.w_up)), self.w_down)
+
+
+def test_report_and_set_tau_see_ffns_whose_weights_are_buffers():
+    module, x = BufferFFN(), torch.randn(2, 8, 32)
+    compiled = torch.compile(module, backend="prunepath", options={
+        "tau": 0.5, "expert_size": 8, "calibration": torch.randn(32, 8, 32)})
+    with torch.no_grad():
+        compiled(x)
+    rows = ppcompile.report(compiled).rows
+    assert len(rows) == 1 and 0 < rows[0]["active_fraction"] < 1
+    ppcompile.set_tau(compiled, 1.0)
+    with torch.no_grad():
+        assert rel_err(compiled(x), module(x)) < 1e-5
+    with pytest.raises(TypeError, match="pass the model"):
+        ppcompile.report(module.forward)
+
+
 def test_weights_loaded_into_a_compiled_model_are_checked_at_the_next_compile():
     """load_state_dict writes into the tensors a plan is registered by: the next compile puts the
     same weights back in the plan's order, and plans other weights anew."""
