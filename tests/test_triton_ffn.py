@@ -395,9 +395,11 @@ def test_many_tokens_run_the_reference(monkeypatch):
     assert counts[0] < counts[1] * 128
 
 
-def test_many_tokens_stay_symbolic():
+@pytest.mark.parametrize("method", ["prunepath", "topk", "static"])
+def test_many_tokens_stay_symbolic(method):
     """Traced with a symbolic token count past DENSE_ABOVE, the op guards only on that bound, so
-    one dynamic prefill graph serves every prompt length."""
+    one dynamic prefill graph serves every prompt length (and reads tau on the device only: the
+    top-k count too)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     # a token count no other size shares (make_fx gives equal sizes one symbol)
@@ -407,7 +409,7 @@ def test_many_tokens_stay_symbolic():
     def op(*tensors, tau):
         return triton_ffn.sparse_ffn_triton(**dict(zip(keys, tensors)), b_up=None, b_gate=None,
                                             b_down=None, tau=tau, activation="silu",
-                                            expert_size=8)
+                                            expert_size=8, method=method)
 
     tau = tau_tensor(0.7)
     gm = make_fx(lambda *t: op(*t[:-1], tau=t[-1]), tracing_mode="symbolic")(
@@ -418,7 +420,8 @@ def test_many_tokens_stay_symbolic():
         args = [other[k] for k in keys] + [tau]
         assert gm.shape_env.evaluate_guards_for_args(placeholders, args), f"{n} tokens: recompile"
         y, counts = gm(*args)
-        y_ref, counts_ref = sparse_ffn_reference(**other, tau=tau, activation="silu", expert_size=8)
+        y_ref, counts_ref = sparse_ffn_reference(**other, tau=tau, activation="silu",
+                                                 expert_size=8, method=method)
         assert torch.allclose(y, y_ref, atol=1e-5) and torch.equal(counts, counts_ref)
     few = [ffn[k] for k in keys][1:]
     assert not gm.shape_env.evaluate_guards_for_args(
@@ -588,8 +591,9 @@ def test_inductor_adds_no_kernels(n, listed, monkeypatch):
 
 
 @native_only
-@pytest.mark.parametrize("n", [1, 8, 40])
-def test_cuda_graph_replay_follows_tau(n):
+@pytest.mark.parametrize("n, method", [(1, "prunepath"), (8, "prunepath"), (40, "prunepath"),
+                                       (1, "topk"), (40, "topk"), (40, "static")])
+def test_cuda_graph_replay_follows_tau(n, method):
     """tau is read on the device only: a captured graph follows in-place changes of it."""
     from ppcompile.kernels import gpu_op  # noqa: F401
 
@@ -597,16 +601,16 @@ def test_cuda_graph_replay_follows_tau(n):
     tau = tau_tensor(0.9)
     op = torch.ops.ppcompile.sparse_ffn_triton
     stats, stats_eager = zero_stats(ffn), zero_stats(ffn)
-    op(*ffn.values(), tau, stats, "silu", 16, "prunepath")  # compile outside the capture
+    op(*ffn.values(), tau, stats, "silu", 16, method)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = op(*ffn.values(), tau, stats, "silu", 16, "prunepath")
+        y = op(*ffn.values(), tau, stats, "silu", 16, method)
     for value in (0.9, 0.2, 1.0):
         tau.fill_(value)
         stats.zero_()
         stats_eager.zero_()
         graph.replay()
-        y_eager = op(*ffn.values(), tau, stats_eager, "silu", 16, "prunepath")
+        y_eager = op(*ffn.values(), tau, stats_eager, "silu", 16, method)
         assert torch.equal(stats, stats_eager)
         assert torch.allclose(y.float(), y_eager.float(), atol=1e-2, rtol=1e-2)

@@ -5,7 +5,8 @@ contiguous experts of s neurons, plus a router (linear, d -> E). Per token:
 
     p    = softmax(router(x))                          # over experts
     keep = the top-ranked experts until their cumulative p reaches tau
-           (the expert that crosses tau is kept, so at least one; tau >= 1 keeps all)
+           (the expert that crosses tau is kept, so at least one for tau > 0; tau >= 1 keeps
+           all; tau <= 0 none)
     y    = sum over kept experts e of  W_down[:, e] @ h_e(x)  + b_down
 
 where h(x) = act(x W_up^T + b_up) for plain FFNs and act(x W_gate^T + b_gate) * (x W_up^T + b_up)
@@ -56,12 +57,17 @@ def select_experts(logits: torch.Tensor, tau) -> torch.Tensor:
 
 def select_top_fraction(logits: torch.Tensor, fraction) -> torch.Tensor:
     """Bool mask [N, E] keeping each row's round(fraction * E) highest logits (at least one;
-    ties lowest index first)."""
+    ties lowest index first). The count is computed on the tensor's device (fp64, half to even
+    as Python's round): a 0-d tau tensor is never read on the host, so the op traces and
+    captures in CUDA graphs."""
     experts = logits.shape[-1]
-    k = max(1, min(experts, round(float(fraction) * experts)))
+    fraction = torch.as_tensor(fraction, dtype=torch.float64, device=logits.device)
+    k = (fraction * experts).round().clamp(1, experts)
     # a stable sort, not topk: equal logits go lowest index first on every device
-    top = logits.float().sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, top, True)
+    order = logits.float().sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(experts, device=logits.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return rank < k
 
 
 def router_logits(x2d, router_w, router_b):
