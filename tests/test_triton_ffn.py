@@ -254,6 +254,14 @@ def test_claimed_steps_at_extreme_tau(tau):
     run_and_check(ffn, tau, "silu", 16, config=dict(up_pool=2, up_programs=3, up_sub=2))
 
 
+def test_pooled_slices_longer_than_an_even_share():
+    # 48 neurons in steps of 32 (tensor cores, fp32) on 2 programs: a pooled program's slice is
+    # a whole step, longer than an even share of 24; its scratch row must hold the 8 experts
+    # it touches (it was sized for the even share: wrong expert ids, or a crash)
+    ffn = make_ffn(8, 32, 48, 4, gated=True, biases=True, seed=4)
+    run_and_check(ffn, 0.9, "silu", 4, config=dict(up_programs=2, up_pool=8))
+
+
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("n", [1, 8, 40])
 def test_w_down_any_strides(layout, n):

@@ -1083,6 +1083,8 @@ def _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
     # scratch rows: the experts one program touches (see _up_kernel); with up_pool, one row of E
     # per tile after them: the pool's experts
     span = triton.cdiv(triton.cdiv(d_ff, p.up_unit), p.up_programs) * p.up_unit
+    if p.up_pool:  # pooled plans give each program whole steps of up_sub neurons
+        span = max(span, triton.cdiv(triton.cdiv(d_ff, p.up_sub), p.up_programs) * p.up_sub)
     up_maxe = (span - 1) // s + 2
     n_scr = n_mtiles * (p.up_programs * up_maxe + (n_exp if p.up_pool else 0))
     scr_e = _empty((n_scr,), torch.int32, dev)
