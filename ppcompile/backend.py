@@ -152,16 +152,22 @@ class SparseGraph:
         self.dense_compiled = None
         self.dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
                            for n in dense_gm.graph.nodes if n.op == "placeholder")
-        self._key, self._extras, self._states, self._watch = None, None, [], None
+        # per set of FFN weights the graph is called with (one per layer where dynamo reuses
+        # the graph across layers): their extra inputs, states and watch
+        self._seen, self._key, self._extras, self._states = {}, None, None, []
 
     def __call__(self, *args):
         key = tuple(id(args[up]) for up, _, _ in self.layout)
-        if key != self._key or any(e is None for e in self._extras):
-            self._extras = self.extra_inputs(args)
+        if key != self._key:
+            if key not in self._seen:
+                extras = self.extra_inputs(args)
+                self._seen[key] = (extras, self._states, WeightWatch(args, self.layout,
+                                                                     self._states))
             self._key = key
-            self._watch = WeightWatch(args, self.layout, self._states)
+            self._extras, self._states, watch = self._seen[key]
         else:
-            self._watch.check(args)
+            watch = self._seen[key][2]
+        watch.check(args)
         if not self.relayout and all(state.keeps_all for state in self._states):
             dense = self._dense(args)
             if dense is not None:

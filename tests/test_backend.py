@@ -349,6 +349,13 @@ def test_graph_reused_for_another_layer_uses_that_layers_weights():
         for compiled, layer in zip(mlps, model.model.layers):
             assert rel_err(compiled(hidden), layer.mlp(hidden)) < 1e-4
     assert len(REGISTRY.states_of(list(model.parameters()))) == 2
+    # the graph alternates between the layers' weights: replacing one layer's is still caught
+    mlp0 = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp0.down_proj.weight.copy_(torch.randn_like(mlp0.down_proj.weight))
+        mlps[1](hidden)
+        with pytest.raises(RuntimeError, match="replaced in place"):
+            mlps[0](hidden)
 
 
 def test_model_without_ffn_compiles_dense_with_one_warning():
