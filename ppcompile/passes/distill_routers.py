@@ -136,8 +136,8 @@ def _distill(gm, ctx, planned):
                     total = 0.0
                     for index in group:
                         dense = dense_kept.get(index)
-                        if dense is None:
-                            with torch.no_grad():
+                        if dense is None:  # not kept by calibrate: made as it makes them
+                            with torch.no_grad(), precision:
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
                         with precision:
                             got = floating_leaves(student(*fresh_inputs(batches[index])))

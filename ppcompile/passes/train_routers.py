@@ -265,15 +265,16 @@ def check_budget(gm, ctx, planned, curves, widths) -> dict:
         warnings.simplefilter("ignore")  # calibrate has warned already if data is missing
         batch = calibration_batches(gm, ctx)[0]
     sparse = sparse_copy(gm, planned)
+    precision = plan_precision(gm, planned)  # decided once (it scans the graph)
     kept = gm.meta.setdefault("ppcompile_dense", {})
     if 0 not in kept:
-        kept[0] = floating_outputs(gm(*fresh_inputs(batch)))
+        with precision:  # as calibrate computes the outputs it keeps
+            kept[0] = floating_outputs(gm(*fresh_inputs(batch)))
     dense = kept[0]
     dense_sq = sum(_sum_sq(w) for w in dense)
     errors = {"budget": [], "model_tau": []}
     losses = {}
     logits_width = LOGITS_WIDTH * max(ffn.d_model for ffn, _ in planned)
-    precision = plan_precision(gm, planned)  # decided once (it scans the graph)
     for tau in taus:
         for kind, found in errors.items():
             for ffn, _ in planned:
