@@ -295,6 +295,20 @@ def test_plan_cache_tells_architectures_apart(monkeypatch):
     assert calls == [1, 1]
 
 
+def test_a_damaged_cached_plan_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPCOMPILE_CACHE_DIR", str(tmp_path))
+    run(compile_model(tiny_model("llama"), tau=0.6))
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        f.write_bytes(b"not a plan")
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="ignoring an unreadable cached plan.*not a readable"):
+        compiled = compile_model(tiny_model("llama"), tau=0.6)
+        run(compiled)
+    assert 0 < ppcompile.report(compiled).active_fraction < 1
+
+
 def test_an_unwritable_plan_cache_warns_and_the_compile_goes_on(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -45,7 +45,14 @@ def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         gm.meta["ppcompile_fingerprint"] = fingerprint
         path = plans.cached_plan(fingerprint, opts.plan_key(), plans.data_hash(opts.calibration))
         if path is not None:
-            apply_plan(todo, *plans.load(path), ctx, str(path), strict=False)
+            try:
+                loaded = plans.load(path)
+            except OptionError as e:  # a damaged cache file: plan afresh (and overwrite it)
+                reason = str(e).removeprefix("option 'plan': ")
+                warnings.warn(f"ppcompile: ignoring an unreadable cached plan: {reason}",
+                              stacklevel=2)
+            else:
+                apply_plan(todo, *loaded, ctx, str(path), strict=False)
     return gm
 
 
@@ -167,6 +174,8 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
         if header["format"] in plans.ORDERED:
             order = plans.order_of(columns, stored, perm)
             if order is None:
+                if not strict:
+                    continue
                 raise OptionError(
                     f"option 'plan': the neurons of FFN '{ffn.name}' are in an order that "
                     f"{path!r} cannot pair with its own (same weights, but no neuron order makes "
