@@ -1,7 +1,6 @@
 """The backend's options: one validated dataclass, built from the `options=` dict of torch.compile."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import os
@@ -51,10 +50,9 @@ class Options:
         fine-tuning (pass distill_routers: all routers trained together on the model's own
         outputs, KL to the dense model for language models); 0 keeps the per-layer fits. On
         SmolLM2-135M's held-out text 1 / 2 / 3 epochs gave perplexity ratio 2.47 / 2.36 / 2.33
-        at 50% active (benchmarks/results/router_ablation.md, sections F and G); an epoch costs
-        ~35 s there on a 2-core CPU, and with 2 epochs (the default) planning SmolLM2 took
-        122-136 s in three measurements (section H). Kept only if a calibration batch shows it
-        helps.
+        at 50% active (benchmarks/results/router_ablation.md, sections F and G); with 2 epochs
+        (the default) the distillation took 82-91 s of SmolLM2's 171-186 s of planning on a
+        2-core EPYC (section Q). Kept only if a calibration batch shows it helps.
     seed: int in [0, 2**63). Seeds sampling, clustering and router training: same seed, same plan.
     method: "prunepath" (default), "topk", "static" or "oracle": how experts are chosen, for
         experiments at equal budgets. "topk" keeps the router's top round(tau * E) experts per
@@ -85,7 +83,7 @@ class Options:
     cudagraphs: bool = True
 
     def __post_init__(self):
-        check_tau(self.tau, "tau")
+        object.__setattr__(self, "tau", check_tau(self.tau, "tau"))  # a float, whatever was given
         if self.calibration is not None and not isinstance(self.calibration, torch.Tensor):
             raise OptionError(
                 f"option 'calibration' must be a torch.Tensor (token ids [N, T] or the module's "
@@ -99,6 +97,8 @@ class Options:
         _check_int(self, "seed", 0, 2**63 - 1)  # what a torch.Generator takes
         if self.plan is not None and not isinstance(self.plan, (str, os.PathLike)):
             raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
+        if self.plan is not None and not os.path.isfile(self.plan):
+            raise OptionError(f"option 'plan': no plan file at {os.fspath(self.plan)!r}")
         for name in ("cache", "cudagraphs"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -128,9 +128,6 @@ class Options:
         method are not among them."""
         return tuple(getattr(self, name) for name in PLAN_FIELDS)
 
-    def replace(self, **changes) -> Options:
-        return dataclasses.replace(self, **changes)
-
 
 def check_tau(tau, name="tau") -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):  # numpy floats too
@@ -142,8 +139,10 @@ def check_tau(tau, name="tau") -> float:
 
 def _check_int(opts, name, minimum, maximum=None):
     value = getattr(opts, name)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints too
         raise OptionError(f"option '{name}' must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    object.__setattr__(opts, name, value)
     if value < minimum:
         raise OptionError(f"option '{name}' must be an int >= {minimum}, got {value!r}")
     if maximum is not None and value > maximum:

@@ -27,6 +27,7 @@ from tiny_models import tiny_model
     ({"method": "top-k"}, ["'method'", "'prunepath'", "'topk'", "'static'", "'oracle'", "top-k"]),
     ({"calibration": [[1, 2, 3]]}, ["'calibration'", "torch.Tensor", "list"]),
     ({"calibration": torch.zeros(4, 8, dtype=torch.long, device="meta")}, ["'calibration'", "meta"]),
+    ({"plan": "/no/such/plan.safetensors"}, ["'plan'", "no plan file", "/no/such/plan"]),
 ])
 def test_bad_options_are_named(options, words):
     with pytest.raises(OptionError) as err:
@@ -90,9 +91,12 @@ def test_expert_size_must_divide_d_ff(monkeypatch):
     assert calls == []  # refused before calibrating
 
 
-def test_numpy_tau_is_a_float():
+def test_numpy_numbers_are_python_numbers():
     np = pytest.importorskip("numpy")
-    assert Options.from_dict({"tau": np.float32(0.5)}).tau == 0.5
+    opts = Options.from_dict({"tau": np.float32(0.5), "expert_size": np.int64(16), "seed": np.int32(3)})
+    assert (opts.tau, opts.expert_size, opts.seed) == (0.5, 16, 3)
+    assert type(opts.tau) is float and type(opts.expert_size) is int and type(opts.seed) is int
+    assert type(Options(tau=1).tau) is float
 
 
 def test_set_tau_before_the_first_call_warns_and_report_says_why_it_is_empty():
