@@ -70,7 +70,11 @@ def save_plan(compiled, path) -> None:
     if not states:
         raise ValueError("ppcompile: this model has no plan yet: compile it and call it once first")
     keys = {s.plan_key for s in states}
-    key = keys.pop() if len(keys) == 1 else states[0].plan_key
+    if len(keys) > 1:  # a plan file records one set of plan options
+        made = "; ".join(f"{s.name}: {dict(zip(PLAN_FIELDS, s.plan_key))}" for s in states)
+        raise ValueError(f"ppcompile.save_plan: this model's FFNs were planned with different "
+                         f"options ({made}); a plan file holds FFNs planned with one set")
+    key = keys.pop()
     fingerprint = plans.graph_fingerprint([], [plans.sorted_columns(s.signature) for s in states])
     plans.save(path, states, fingerprint, dict(zip(PLAN_FIELDS, key)))
 

@@ -351,6 +351,19 @@ def test_single_layers_compile_with_hidden_state_calibration():
     assert not torch.equal(states[0].router_w, states[1].router_w)
 
 
+def test_save_plan_refuses_ffns_planned_with_different_options(tmp_path):
+    model = tiny_model("llama")
+    hidden, calib = torch.randn(2, 16, 32), torch.randn(16, 16, 32)
+    for layer, size in zip(model.model.layers, (8, 16)):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer.mlp, backend="prunepath", options={
+            "tau": 0.5, "calibration": calib, "expert_size": size, "distill_epochs": 0})
+        with torch.no_grad():
+            compiled(hidden)
+    with pytest.raises(ValueError, match="planned with different options.*'expert_size': 16"):
+        ppcompile.save_plan(model, tmp_path / "plan.safetensors")
+
+
 def test_graph_reused_for_another_layer_uses_that_layers_weights():
     """With the same options dict, dynamo serves layer 1 from the graph compiled for layer 0;
     layer 1 must still compute with its own weights and get its own plan."""
