@@ -8,7 +8,8 @@ sorted, they are a signature invariant under neuron order. Loading a plan compar
 a tolerance (sums differ in the last bits between devices), then finds the order the weights are
 in from the unsorted columns (the original order, the plan's, e.g. weights saved after a compile,
 or any other), so the plan's order is reached whatever order they were saved in. The cache is
-keyed by an exact hash of all weights of the compiled graph.
+keyed by a hash of the compiled graph's weights (graph_fingerprint: the FFNs' signatures whole,
+the other weights by their shapes and a strided sample of their values).
 """
 from __future__ import annotations
 
@@ -109,8 +110,9 @@ def _lexsort(columns: torch.Tensor) -> torch.Tensor:
 
 
 def graph_fingerprint(tensors, signatures, structure: str = "") -> str:
-    """Exact hash of a compiled graph's weights: FFN signatures plus the other parameters'
-    shapes and a sample of their values (enough to tell models apart, cheap for large ones), and
+    """Hash of a compiled graph's weights: FFN signatures plus the other parameters' shapes and
+    a strided sample of 4096 of each one's values (enough to tell models apart: fine-tuning
+    moves nearly every value; cheap for large ones, and on any device), and
     the graph's `structure` (its operations: the same weights in another architecture, such as a
     parallel residual, feed the FFNs other inputs and need their own plan)."""
     h = hashlib.sha256(structure.encode())

@@ -168,8 +168,9 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             if not strict:
                 continue
             raise OptionError(
-                f"option 'plan': {path!r} was made for other weights: FFN '{ffn.name}' does not "
-                f"match the plan's fingerprint (a plan fits only the weights it was made for)")
+                f"option 'plan': {path!r} was made for other weights: the weights of FFN "
+                f"'{ffn.name}' are not the ones the plan recorded (per-neuron sums differ; a "
+                "plan fits only the weights it was made for)")
         perm = tensors[f"{i}.perm"]
         if header["format"] in plans.ORDERED:
             order = plans.order_of(columns, stored, perm)
