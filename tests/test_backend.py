@@ -176,6 +176,20 @@ def test_plan_applies_to_weights_in_any_neuron_order(tmp_path, order, source):
         assert torch.equal(a.mlp.up_proj.weight, b.mlp.up_proj.weight)
 
 
+def test_a_plan_file_that_does_not_fit_is_refused_naming_what_differs(tmp_path):
+    compiled = compile_model(tiny_model("llama"), tau=0.6)
+    run(compiled)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    for model, words in [(tiny_model("llama", seed=1), "made for other weights.*per-neuron"),
+                         (tiny_model("qwen2"), "has no FFN named|made for other weights"),
+                         (tiny_model("gpt2"), "has no FFN named.*made for another model")]:
+        torch._dynamo.reset()
+        again = torch.compile(model, backend="prunepath", options={"plan": str(path)})
+        with pytest.raises(Exception, match=words):
+            run(again)
+
+
 def test_a_plan_serves_the_model_compiled_another_way(tmp_path):
     """A plan saved from torch.compile(model) names the FFNs 'model.layers.0.mlp', ...; a
     function around the model `fresh` names them 'fresh.model.layers.0.mlp', ...: the same."""
