@@ -154,8 +154,8 @@ def run_and_check(ffn, tau, activation, s, config=None, method="prunepath"):
 
 
 # Each case: tokens, d, d_ff, expert_size, activation, gated, biases, tau. Token counts 1, 3, 8
-# take the decode plans (1: fused selection + fused down; 3: selection kernel, CUDA cores;
-# 8: tensor cores, split-K down), 40 the many-token plan.
+# take the decode plans (1: fused selection + fused down, or on a GPU a program per expert;
+# 3 and 8: selection kernel, tensor cores, split-K down), 40 the many-token plan.
 CASES = []
 _SHAPES = [(32, 64, 8), (64, 128, 16), (32, 128, 32), (64, 64, 16), (64, 128, 8)]
 _TAUS = [0.3, 0.6, 0.9, 1.0, 0.75]
@@ -208,7 +208,8 @@ PLANS = [
     (8, dict(up_dot=False, down_dot=False, router_dot=False, tile_m=8, fuse_down=True)),
     (8, dict(up_block_k=16, down_block_q=16, down_block_d=16)),  # tensor cores, small blocks
     (8, dict(router_block_k=16, router_split=3)),                # router split over d (uneven)
-    (1, dict(router_block_k=16, router_split=2)),                # ... read by the fused selection
+    # ... read by the fused selection (of the up kernel: a GPU would pick the expert kernel)
+    (1, dict(router_block_k=16, router_split=2, up_by_expert=False)),
     (16, dict(sel_n=4, down_ks=1)),
     (12, dict(sel_n=16)),                                        # one selection program a tile
     (12, dict(select="pairwise", sel_e=1)),                      # one expert per program
@@ -252,6 +253,22 @@ def test_claimed_steps_at_extreme_tau(tau):
     # tau = 1: the pool's steps are neurons directly (nothing staged); 0.05: one expert a token
     ffn = make_ffn(1, 64, 128, 16, gated=True, biases=True, seed=5)
     run_and_check(ffn, tau, "silu", 16, config=dict(up_pool=2, up_programs=3, up_sub=2))
+
+
+@native_only
+@pytest.mark.parametrize("shape", [(256, 4352, 8), (256, 8448, 8), (512, 8192, 16),
+                                   (256, 2048, 16)],
+                         ids=["pairwise+pool", "pairwise+list+pool", "fused+pool", "by-expert"])
+@pytest.mark.parametrize("n", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_default_plans_at_the_real_sm_count(shape, n, dtype):
+    """The plans the table picks on this GPU for widths past 32 x SMs (2 x SMs up programs with
+    the step pool; pairwise selection past 512 experts, its list past 1024; a program per expert
+    below), which the interpreter's small shapes never reach by default."""
+    d, d_ff, s = shape
+    ffn = make_ffn(n, d, d_ff, s, gated=True, biases=False, dtype=dtype, seed=n)
+    for tau in (0.3, 0.8):
+        run_and_check(ffn, tau, "silu", s)
 
 
 def test_pooled_slices_longer_than_an_even_share():
@@ -470,7 +487,7 @@ def test_out_of_range_shapes_fall_back_to_reference(monkeypatch, limit):
 def test_plan_table_is_valid_for_benchmark_shapes(shape, n, kind, s):
     d, d_ff = shape
     p = triton_ffn.plan(n, d, d, d_ff, s, n_sm=132, kind=kind)
-    if n == 1 and kind != "prefill":  # one token: router + expert kernel, + selection past 512
+    if n == 1 and kind != "prefill":  # router + up (or expert) kernel, + selection past 512
         assert p.fuse_down and p.select == ("fused" if d_ff // s <= 512 else "pairwise")
     if n > 2:
         assert p.select == "sorted"

@@ -5,7 +5,7 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
 
 * Everything the experts do happens in "compact neuron space": per tile of tokens, the experts
   kept by at least one token of the tile (the tile's *union*), in ascending order (or in the order
-  the pairwise selection listed them, `Plan.up_list`), give positions q = rank * s + j (j < s) to
+  the selection kernel listed them, `Plan.up_list`), give positions q = rank * s + j (j < s) to
   their neurons. Work is split over q, so every program gets the same
   number of active neurons whatever tau selects, and no work is launched for dropped experts.
 * Which experts a tile keeps travels as `bits` [tiles, E] int64: bit t of bits[m, e] says that
@@ -730,7 +730,7 @@ def _down_kernel(
 class Plan:
     """Launch parameters for one shape. Field names are the override keys of `config=`."""
     tile_m: int             # tokens per tile (<= 64); decode: one tile holding all tokens
-    select: str             # "fused" (every up program sorts), "sorted" or "pairwise" kernel
+    select: str             # "fused" (in the up or expert kernel), "sorted" or "pairwise" kernel
     fuse_down: bool         # the up kernel also does the down projection (decode, narrow y)
     up_dot: bool            # tl.dot (tensor cores, tokens padded to 16) vs CUDA-core FMAs
     down_dot: bool
