@@ -69,7 +69,7 @@ def add_demo(subparsers):
     p.add_argument("--taus", type=_tau, nargs="+", default=[1.0, 0.9, 0.8, 0.7], metavar="TAU",
                    help="taus to evaluate, in (0, 1]; the model is compiled with the first and "
                    "switched to the others with ppcompile.set_tau (no recompilation)")
-    p.add_argument("--seq-len", type=_positive, default=256, metavar="T",
+    p.add_argument("--seq-len", type=_seq_len, default=256, metavar="T",
                    help="tokens per window, for calibration and evaluation alike")
     p.add_argument("--calib-windows", type=_positive, default=32, metavar="N",
                    help="calibration windows (a multiple of --batch-size; the rest is dropped)")
@@ -221,9 +221,14 @@ def run_bench(args) -> int:
         except (ValueError, ImportError) as e:
             sys.exit(str(e))
         model = model.cuda().eval()
+        if not args.calib_text.is_file():
+            sys.exit(f"ppcompile bench: --calib-text {args.calib_text} does not exist")
         text = args.calib_text.read_text(encoding="utf-8")
-        calibration = evaluate.token_windows(tokenizer, text, args.prompt_len, 64,
-                                             bos=evaluate.bos_for(model, tokenizer)).cuda()
+        try:
+            calibration = evaluate.token_windows(tokenizer, text, args.prompt_len, 64,
+                                                 bos=evaluate.bos_for(model, tokenizer)).cuda()
+        except ValueError as e:  # a text too short for one window of --prompt-len
+            sys.exit(f"ppcompile bench: {e}; lower --prompt-len or give a longer --calib-text")
     records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
                         args.prompt_len, args.new_tokens, calibration=calibration,
                         log=lambda m: print(m, flush=True), host_profile_dir=args.host_profile)
@@ -262,10 +267,18 @@ def _positive(text: str) -> int:
 
 
 def _tau(text: str) -> float:
+    """A number in (0, 1] (argparse names the flag: --taus or --fractions)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"tau must be a number in (0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"tau must be in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _seq_len(text: str) -> int:
+    value = _positive(text)
+    if value < 2:  # a window predicts its tokens from the ones before: one token predicts none
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
     return value

@@ -178,10 +178,14 @@ def test_demo_help(capsys):
         assert flag in out
 
 
-def test_demo_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--taus", "1.5"])
-    assert "tau must be in (0, 1]" in capsys.readouterr().err
+def test_demo_and_bench_reject_bad_arguments_naming_the_flag(capsys):
+    for argv, words in [(["demo", "--taus", "1.5"], "argument --taus: expected a number in (0, 1]"),
+                        (["demo", "--seq-len", "1"], "argument --seq-len: expected an integer >= 2"),
+                        (["bench", "--model", "x", "--fractions", "0"],
+                         "argument --fractions: expected a number in (0, 1]")]:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert words in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--eval-windows 4 is smaller than --batch-size 8"):
         cli.main(["demo", "--eval-windows", "4"])
 
