@@ -35,7 +35,8 @@ class Options:
     calibration: tensor or None. Inputs to calibrate on: token ids [N, T] for a language model,
         or whatever the compiled module takes as its first tensor input (hidden states
         [N, T, d] for a single layer). They are cut into windows of the traced input's shape.
-        None: calibrate on the inputs of the first call, with a warning.
+        None: reuse the newest cached plan of this model (see cache), else calibrate on the
+        inputs of the first call, with a warning.
     expert_size: int >= 1. Neurons per expert; must divide every matched FFN's width. 8 measured
         clearly better than 16 at equal active fraction on SmolLM2-135M (see
         benchmarks/results/router_ablation.md), at twice the router's width. On the GPU each
@@ -68,7 +69,8 @@ class Options:
         skips calibration, and other planning code (an upgrade) plans afresh.
     cudagraphs: bool. On the GPU, replay the compiled graphs as CUDA graphs (Inductor's
         cudagraph trees, as mode="reduce-overhead" does): decoding is launch-bound without them.
-        Inputs then need static addresses between calls (HF's static KV cache has them).
+        Inputs then need static addresses between calls (HF's static KV cache has them), and a
+        call's outputs are overwritten by the next call (clone what you keep).
     """
 
     tau: float = 0.9
