@@ -107,6 +107,18 @@ class SparseFFN:
         self.model_tau = self.tau.clone()
         self.set_temperature_table(self.temperature_table)
 
+    def move_to_(self, device: torch.device, dtype: torch.dtype):
+        """Put the router and the per-call tensors where the FFN's weights now are (a model
+        planned on the CPU, then moved with .cuda() or cast with .to(dtype): its parameters are
+        the same objects, so its plan is found, in the old place). Statistics restart."""
+        with torch.no_grad():
+            self.router_w = self.router_w.to(device, dtype)
+            self.router_b = self.router_b.to(device, dtype)
+        self.static_scores = self.static_scores.to(device)
+        self.tau, self.model_tau = self.tau.to(device), self.model_tau.to(device)
+        self.stats = torch.zeros(2, dtype=torch.float64, device=device)
+        self._static_w = torch.zeros_like(self.router_w)
+
     def set_temperature_table(self, table: torch.Tensor | None):
         """Give the router a temperature per model-wide tau (None: the router as it is now,
         at temperature 1); router_w and router_b must hold the router at temperature 1."""

@@ -365,6 +365,22 @@ def test_single_layers_compile_with_hidden_state_calibration():
     assert not torch.equal(states[0].router_w, states[1].router_w)
 
 
+def test_a_planned_model_cast_to_another_dtype_carries_its_plan_along():
+    """.to(dtype) (or .cuda()) keeps the parameter objects, so the plan is found at the next
+    compile; its router and per-call tensors follow the weights."""
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.6)
+    run(compiled)
+    model.double()
+    sparse = run(compiled)
+    assert sparse.dtype == torch.float64
+    states = REGISTRY.states_of(list(model.parameters()))
+    assert all(s.router_w.dtype == torch.float64 for s in states)
+    assert 0 < ppcompile.report(compiled).active_fraction < 1
+    ppcompile.set_tau(compiled, 1.0)
+    assert rel_err(run(compiled), run(model)) < 1e-6  # (Llama normalizes in float32)
+
+
 def test_save_plan_refuses_ffns_planned_with_different_options(tmp_path):
     model = tiny_model("llama")
     hidden, calib = torch.randn(2, 16, 32), torch.randn(16, 16, 32)

@@ -84,6 +84,20 @@ def test_kernels_compute_what_the_reference_op_computes(family, tmp_path, monkey
         assert rel_err(out, run(reference, ids)) < 1e-4
 
 
+def test_planned_on_the_cpu_runs_on_the_gpu():
+    """Calibrate on the CPU, then .cuda(): the plan moves with the weights, and the lowered
+    model computes what the CPU one did."""
+    model = tiny_model("llama", hidden_size=64, intermediate_size=256, max_position_embeddings=128)
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"tau": 0.5, "calibration": CALIB, "expert_size": 16})
+    with torch.no_grad():
+        on_cpu = logits_of(compiled(IDS))
+    model.cuda()
+    run(compiled, IDS)  # the first call of the new device may run eagerly (relayout)
+    assert rel_err(run(compiled, IDS).cpu(), on_cpu) < 1e-4
+    assert all(s.router_w.is_cuda for s in REGISTRY.states_of(list(model.parameters())))
+
+
 def test_no_eager_graph_left_when_guards_are_skipped(monkeypatch):
     """A frame's first compile runs eagerly and re-lays out the weights, and dynamo recompiles at
     the next call. Decode loops then skip guards (set_stance(skip_guard_eval_unsafe=True)), and

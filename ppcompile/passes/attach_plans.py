@@ -107,6 +107,9 @@ def _in_plan_order(ffn, state, ctx) -> bool:
 
 
 def _adopt(ffn, state, ctx):
+    w_up = ffn.weights(ctx.values)["w_up"]
+    if (state.router_w.device, state.router_w.dtype) != (w_up.device, w_up.dtype):
+        state.move_to_(w_up.device, w_up.dtype)
     if state.options_source is not ctx.options_source:
         # a new torch.compile call sets its own tau; a recompile keeps what set_tau chose
         state.set_tau(ctx.options.tau)
