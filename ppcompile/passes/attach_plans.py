@@ -35,6 +35,9 @@ def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         path = str(opts.plan)
         todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=path)]
         if todo:
+            if opts.calibration is not None:
+                warnings.warn(f"ppcompile: option 'calibration' is not used: the plan {path!r} "
+                              "is applied as it is (leave 'plan' out to calibrate)", stacklevel=2)
             header, tensors = plans.load(path)
             _check_plan_options(header, ctx, path)
             apply_plan(todo, header, tensors, ctx, path, strict=True)
