@@ -152,17 +152,23 @@ def shuffle_neurons_(model, seed=0):
             mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
 
 
+def planned_and_saved(tmp_path, tau=0.6):
+    """A tiny Llama compiled and run at tau, its plan saved: (model, output, plan path)."""
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=tau)
+    out = run(compiled)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(compiled, path)
+    return model, out, path
+
+
 @pytest.mark.parametrize("order", ["planned", "original", "shuffled"])
 @pytest.mark.parametrize("source", ["cache", "plan_file"])
 def test_plan_applies_to_weights_in_any_neuron_order(tmp_path, order, source):
     """Weights saved after a compile are in the plan's order (it permutes them in place); loaded
     into a fresh model, from the cache or a plan file, they must not be permuted again. Any
     other order of the same weights is found and put in the plan's."""
-    model = tiny_model("llama")
-    compiled = compile_model(model, tau=0.6)
-    out = run(compiled)
-    path = tmp_path / "plan.safetensors"
-    ppcompile.save_plan(compiled, path)
+    model, out, path = planned_and_saved(tmp_path)
     fresh = tiny_model("llama")
     if order == "planned":
         fresh.load_state_dict(model.state_dict())
@@ -177,10 +183,7 @@ def test_plan_applies_to_weights_in_any_neuron_order(tmp_path, order, source):
 
 
 def test_a_plan_file_that_does_not_fit_is_refused_naming_what_differs(tmp_path):
-    compiled = compile_model(tiny_model("llama"), tau=0.6)
-    run(compiled)
-    path = tmp_path / "plan.safetensors"
-    ppcompile.save_plan(compiled, path)
+    _, _, path = planned_and_saved(tmp_path)
     for model, words in [(tiny_model("llama", seed=1), "made for other weights.*per-neuron"),
                          (tiny_model("qwen2"), "has no FFN named|made for other weights"),
                          (tiny_model("gpt2"), "has no FFN named.*made for another model")]:
@@ -193,11 +196,7 @@ def test_a_plan_file_that_does_not_fit_is_refused_naming_what_differs(tmp_path):
 def test_a_plan_serves_the_model_compiled_another_way(tmp_path):
     """A plan saved from torch.compile(model) names the FFNs 'model.layers.0.mlp', ...; a
     function around the model `fresh` names them 'fresh.model.layers.0.mlp', ...: the same."""
-    model = tiny_model("llama")
-    compiled = compile_model(model, tau=0.6)
-    out = run(compiled)
-    path = tmp_path / "plan.safetensors"
-    ppcompile.save_plan(compiled, path)
+    _, out, path = planned_and_saved(tmp_path)
     fresh = tiny_model("llama")
     torch._dynamo.reset()
     again = torch.compile(lambda ids: fresh(ids), backend="prunepath",

@@ -286,6 +286,18 @@ def test_w_down_any_strides(layout, n):
     run_and_check(ffn, 0.8, "silu", 8)
 
 
+@pytest.mark.parametrize("n", [1, 8])
+def test_strided_biases(n):
+    """Biases that are views with a stride (every other element of a wider vector)."""
+    ffn = make_ffn(n, 32, 64, 8, gated=True, biases=True, seed=6)
+    for key in ("b_up", "b_gate", "b_down", "router_b"):
+        wide = torch.zeros(2 * ffn[key].numel(), dtype=ffn[key].dtype, device=ffn[key].device)
+        wide[::2] = ffn[key]
+        ffn[key] = wide[::2]
+        assert not ffn[key].is_contiguous()
+    run_and_check(ffn, 0.7, "silu", 8)
+
+
 def test_strided_and_batched_input():
     ffn = make_ffn(6, 32, 64, 16, gated=True, biases=True, seed=5)
     ffn["x"] = ffn["x"].t().contiguous().t().reshape(2, 3, 32)  # column-major rows, batch dims

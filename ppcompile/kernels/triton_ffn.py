@@ -987,6 +987,9 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
 
     p = plan(n_tokens, d, d_out, d_ff, expert_size, _num_sms(x.device),
              elem_bytes=x.element_size(), **(config or {}))
+    # the kernels index biases with unit stride (a no-op for the contiguous ones models have)
+    b_up, b_gate, b_down, router_b = (None if b is None else b.contiguous()
+                                      for b in (b_up, b_gate, b_down, router_b))
     y, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau,
                       stats, ACTIVATIONS[activation], method in TOPK_METHODS, expert_size, p)
     y = y.reshape(*x.shape[:-1], d_out)
