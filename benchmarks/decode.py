@@ -4,7 +4,7 @@ Llama-3.2-1B and Llama-3-8B shapes with random bf16 weights (real weights cannot
 machine; the plan is calibrated on random tokens and tau is bisected to hit each fraction).
 
     python benchmarks/decode.py --models llama3-1b llama3-8b --out benchmarks/results/decode.json
-    python benchmarks/decode.py --models smollm2-135m --expert-size 8 --batches 1 --out ...
+    python benchmarks/decode.py --models smollm2-135m-shape --expert-size 8 --batches 1 --out ...
 
 Method and the ideal speed-up: see ppcompile/bench.py. Prompt 128 tokens, 256 new tokens,
 batch 1 and 8. Writes a list of records (model, batch, active_fraction, tokens_per_s,
@@ -29,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["llama3-1b", "llama3-8b"],
                     choices=list(bench.LLAMA_SHAPES),
-                    help="smollm2-135m too: launch-bound FFNs, on the program-per-expert kernel")
+                    help="smollm2-135m-shape too (random weights): launch-bound FFNs, on the program-per-expert kernel")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--prompt-len", type=int, default=128)

@@ -44,7 +44,7 @@ for section in ${SECTIONS:-kernels:260 tests:120 decode-1b:190}; do
     triton-tests) step pytest_triton "$limit" python -m pytest -q -x -p no:cacheprovider tests/test_triton_ffn.py ${TRITON_TESTS_K:+-k "$TRITON_TESTS_K"} ;;
     decode-1b)    step decode_1b "$limit" python benchmarks/decode.py --models llama3-1b ${DECODE_ARGS:-} --out "$RESULTS/decode_1b.json" ;;
     decode-8b)    step decode_8b "$limit" python benchmarks/decode.py --models llama3-8b ${DECODE_ARGS:-} --out "$RESULTS/decode_8b.json" ;;
-    decode-smollm2) step decode_smollm2 "$limit" python benchmarks/decode.py --models smollm2-135m --expert-size 8 ${DECODE_ARGS:-} --out "$RESULTS/decode_smollm2.json" ;;
+    decode-smollm2) step decode_smollm2 "$limit" python benchmarks/decode.py --models smollm2-135m-shape --expert-size 8 ${DECODE_ARGS:-} --out "$RESULTS/decode_smollm2.json" ;;
     *) log "unknown section $name" ;;
   esac
 done

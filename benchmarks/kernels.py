@@ -13,8 +13,8 @@ Sections (each prints as it goes; later ones are skipped, with a note, past --bu
     expert size 16, active fractions 0.125/0.25/0.5/1, batch 1 and 8: ours (router + selection +
     experts), dense (cuBLAS via F.linear), Inductor (torch.compile of the dense FFN) -> kernels.json
  4. per-kernel device times (torch.profiler) of a few decode cases -> kernels_profile.json
- 5. many tokens: N = 16, 64, 256, 1024 on 4096x14336: ours with the decode plan and with the
-    prefill plan vs dense -> kernels_prefill.json
+ 5. many tokens: N = 1, 2, 3, 4, 8, 16, 64, 256 (PREFILL_TOKENS) on 4096x14336: ours with the
+    decode plan and with the prefill plan vs dense -> kernels_prefill.json
  6. launch-plan sweep of the decode cases that set the plan table -> kernels_sweep.json
 Then a summary table.
 
@@ -23,8 +23,9 @@ weights (K copies together exceed L2 several times, so every call streams from H
 model), replayed many times; a call's time is the median replay time / K. The active fraction
 is set exactly: token n's input has a one in dimension n and the router has +-20 in column n, so
 its logits are +20 on its chosen experts and -20 elsewhere; with tau = 0.999 exactly the chosen
-experts are kept (checked against the op's counts). At 100% active tau is 1.0, as a user runs
-the dense model (the kernels then skip the selection). Batch-8 tokens choose independent random
+experts are kept (checked against the op's counts). At 100% active tau is 1.0 in the decode
+table, as a user runs the dense model (the kernels then skip the selection); the many-token
+table keeps tau = 0.999 there (every expert chosen, the selection still run). Batch-8 tokens choose independent random
 sets; the floor then counts the union's bytes.
 """
 from __future__ import annotations

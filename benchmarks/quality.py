@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import math
 import platform
 import re
 import subprocess
@@ -28,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from tabulate import tabulate
 
 import ppcompile
 from ppcompile import evaluate, models
+from ppcompile.ffn import SparseFFN
 from ppcompile.options import Options
 from ppcompile.passes.calibrate import cpu_multiplies_bf16
 
@@ -230,6 +231,13 @@ def run_model(name, args):
                 f"[{seconds:.1f} s]")
             if active < MATCHED[0] - 0.02:  # the curve now reaches below the smallest match
                 break
+        if method == "prunepath":
+            # at tau = 1 the backend runs the dense graph; the sparse one, forced, must agree
+            ppcompile.set_tau(compiled, 1.0)
+            with mock.patch.object(SparseFFN, "keeps_all", property(lambda self: False)):
+                summary["tau_one_sparse_graph"] = measure(compiled)
+            log(f"{name} prunepath tau=1 on the sparse graph: {metric} "
+                f"{summary['tau_one_sparse_graph']:.4f}")
     summary["ffns"] = len(ppcompile.report(compiled).rows)
     summary["calibration_messages"] = len(calibration_lines)
     summary["calibration_seconds"] = float(calibration_lines[0]) if calibration_lines else None
@@ -242,25 +250,24 @@ def run_model(name, args):
     return summary, records
 
 
+def at_fraction(records, method, metric, fraction):
+    """A method's metric interpolated at an active fraction from its measured points (None
+    outside their range); perplexity in log space, cosine linearly."""
+    points = sorted((r["active_fraction"], r[metric]) for r in records if r["method"] == method)
+    xs = np.array([p[0] for p in points])
+    ys = np.array([p[1] for p in points])
+    if not len(xs) or not xs[0] - 1e-9 <= fraction <= xs[-1] + 1e-9:
+        return None
+    if metric == "perplexity":
+        return float(np.exp(np.interp(fraction, xs, np.log(ys))))
+    return float(np.interp(fraction, xs, ys))
+
+
 def matched_rows(name, records, metric):
-    """Each method's metric interpolated at the MATCHED active fractions (None outside its
-    measured range); perplexity in log space, cosine linearly."""
-    rows = []
-    for fraction in MATCHED:
-        row = dict(model=name, active_fraction=fraction)
-        for method in METHODS:
-            points = sorted((r["active_fraction"], r[metric]) for r in records
-                            if r["method"] == method)
-            xs = np.array([p[0] for p in points])
-            ys = np.array([p[1] for p in points])
-            if not len(xs) or not xs[0] - 1e-9 <= fraction <= xs[-1] + 1e-9:
-                row[method] = None
-            elif metric == "perplexity":
-                row[method] = float(np.exp(np.interp(fraction, xs, np.log(ys))))
-            else:
-                row[method] = float(np.interp(fraction, xs, ys))
-        rows.append(row)
-    return rows
+    """Each method's metric at the MATCHED active fractions (at_fraction)."""
+    return [dict(model=name, active_fraction=fraction,
+                 **{method: at_fraction(records, method, metric, fraction) for method in METHODS})
+            for fraction in MATCHED]
 
 
 def target_checks(results):
@@ -273,6 +280,7 @@ def target_checks(results):
 
     for name, summary in results["models"].items():
         records = [r for r in results["records"] if r["model"] == name]
+        sparse_one = summary.get("tau_one_sparse_graph")  # runs before this check existed lack it
         if summary["metric"] == "perplexity":
             at_one = next(r for r in records if r["method"] == "prunepath" and r["tau"] == 1.0)
             error = abs(at_one["ratio_to_dense"] - 1)
@@ -280,10 +288,18 @@ def target_checks(results):
                   f"{at_one['perplexity']:.4f} vs dense {summary['dense']:.4f} "
                   f"({100 * error:.4f}%), active fraction {at_one['active_fraction']:.3f}",
                   error <= 1e-3)
+            if sparse_one is not None:
+                error = abs(sparse_one / summary["dense"] - 1)
+                check(f"{name}: tau=1.0 on the sparse graph (routers, selection, kept experts) "
+                      "equals dense within 0.1%", f"{sparse_one:.4f} ({100 * error:.4f}%)",
+                      error <= 1e-3)
         else:
             at_one = next(r for r in records if r["method"] == "prunepath" and r["tau"] == 1.0)
             check(f"{name}: tau=1.0 embeddings equal dense (cosine >= 0.99999)",
                   f"cosine {at_one['cosine']:.7f}", at_one["cosine"] >= 0.99999)
+            if sparse_one is not None:
+                check(f"{name}: tau=1.0 on the sparse graph equals dense (cosine >= 0.99999)",
+                      f"cosine {sparse_one:.7f}", sparse_one >= 0.99999)
         matched = {m["active_fraction"]: m for m in results["matched"] if m["model"] == name}
         better = (lambda a, b: a < b) if summary["metric"] == "perplexity" else (
             lambda a, b: a > b)
@@ -306,8 +322,9 @@ def target_checks(results):
         ratio = {f: None if p is None else p / summary["dense"] for f, p in matched.items()}
         check("smollm2-135m: ratio to dense at 50% active <= 1.8", fmt(ratio[0.5]),
               None if ratio[0.5] is None else ratio[0.5] <= 1.8)
-        at_75 = math.exp(np.interp(0.75, [0.7, 0.8], np.log([ratio[0.7], ratio[0.8]]))) \
-            if ratio[0.7] and ratio[0.8] else None
+        smol = [r for r in results["records"] if r["model"] == "smollm2-135m"]
+        at_75 = at_fraction(smol, "prunepath", "perplexity", 0.75)  # from the measured points
+        at_75 = None if at_75 is None else at_75 / summary["dense"]
         check("smollm2-135m: ratio to dense at 75-80% active <= 1.15 (checked at 75%, the "
               "harder end)", f"{fmt(at_75)} at 75%, {fmt(ratio[0.8])} at 80%",
               None if at_75 is None else at_75 <= 1.15)

@@ -10,7 +10,7 @@ allocation make PrunePath's cumulative-mass rule pay on smollm2-135m.
     python benchmarks/router_ablation.py budget MODEL TAU.. # layer budget variants, real backend
 
 Everything is fitted on the calibration text (calibration/text/wikitext2_calib.txt, its first
-32 x 256-token windows, the same windows benchmarks/quality.py calibrates on) and screened by
+32 x 256-token windows, the first of the ones benchmarks/quality.py calibrates on) and screened by
 perplexity on *other* windows of the calibration text (windows 64.. , disjoint from the fitting
 windows), so that no design choice is tuned on the held-out evaluation text; the final numbers
 come from benchmarks/quality.py on wikitext2_heldout.txt.
@@ -49,7 +49,7 @@ MODEL = "smollm2-135m"
 SEQ = 256
 FIT_WINDOWS = 32       # windows 0..31 of the calibration text: capture (like quality.py)
 VAL_START, VAL_WINDOWS = 64, 16  # screening windows, disjoint from the fitting ones
-SAMPLE_TOKENS = 4096   # like options.calibration_tokens
+SAMPLE_TOKENS = 4096   # options.calibration_tokens was 4096 when these ablations ran (now 8192)
 TARGETS = (0.5, 0.8)
 
 
@@ -748,7 +748,7 @@ def sensitivity(model, cap, val, size=8, fraction=0.5):
 
 
 def budget_variants(name, taus, exponents=(1.0, 0.5, 0.0)):
-    """Through the real backend (calibrated as benchmarks/quality.py does): the prunepath curve
+    """Through the real backend (32 calibration windows, 64 for MiniLM): the prunepath curve
     with layer budgets whose residual weight is raised to each exponent (1 = the pass's cost,
     0 = no residual weight), and with no budget (the model-wide tau), then topk on the same
     plan; screening windows of the calibration text after the calibration windows."""
@@ -787,8 +787,10 @@ def budget_variants(name, taus, exponents=(1.0, 0.5, 0.0)):
     states = REGISTRY.states_of(list(model.parameters()))
     result = {}
     for p in (*exponents, None):
-        tables = passes.layer_budgets(curves[p], [s.d_ff for s in states]) if p is not None \
-            else [None] * len(states)
+        # the plan passes make budget tables several times (routers fitted, distilled, at each
+        # temperature tried): the last ones made are the plan's
+        tables = passes.layer_budgets(curves[p][-len(states):], [s.d_ff for s in states]) \
+            if p is not None else [None] * len(states)
         for s, t in zip(states, tables):
             s.tau_table = None if t is None else torch.stack([passes.TAU_GRID, t]).float()
         pts = []

@@ -38,10 +38,11 @@ LLAMA_SHAPES = {  # public configs of meta-llama/Llama-3.2-1B, Meta-Llama-3-8B, 
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       tie_word_embeddings=False),
     # launch-bound: its 576x1536 FFNs run on the program-per-expert kernel
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         tie_word_embeddings=True, vocab_size=49152, rope_theta=100000.0,
-                         bos_token_id=1, eos_token_id=2),
+    # (named apart from "smollm2-135m", which `ppcompile demo` fetches with its real weights)
+    "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                               tie_word_embeddings=True, vocab_size=49152,
+                               rope_theta=100000.0, bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -178,6 +178,7 @@ def run_demo(args) -> int:
 
 def add_bench(subparsers):
     from .bench import LLAMA_SHAPES
+    from .options import Options
 
     p = subparsers.add_parser(
         "bench", help="GPU: generate() tokens/s and peak memory, dense vs sparse",
@@ -193,6 +194,8 @@ def add_bench(subparsers):
                    help="active fractions of FFN neurons to measure, in (0, 1]")
     p.add_argument("--prompt-len", type=_positive, default=128, metavar="T")
     p.add_argument("--new-tokens", type=_positive, default=256, metavar="N")
+    p.add_argument("--expert-size", type=_positive, default=Options.expert_size, metavar="S",
+                   help="neurons per expert; must divide the FFN width")
     p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH",
                    help="calibration text for a real model (random tokens for random weights)")
     p.add_argument("--host-profile", type=Path, default=None, metavar="DIR",
@@ -231,6 +234,7 @@ def run_bench(args) -> int:
             sys.exit(f"ppcompile bench: {e}; lower --prompt-len or give a longer --calib-text")
     records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
                         args.prompt_len, args.new_tokens, calibration=calibration,
+                        expert_size=args.expert_size,
                         log=lambda m: print(m, flush=True), host_profile_dir=args.host_profile)
     print(bench.table(records))
     if args.out is not None:

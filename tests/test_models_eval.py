@@ -227,14 +227,15 @@ def test_bench_help_and_no_gpu(capsys):
         cli.main(["bench", "--help"])
     assert exit.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--batches", "--fractions", "--new-tokens", "--host-profile", "--out"):
+    for flag in ("--model", "--batches", "--fractions", "--new-tokens", "--expert-size",
+                 "--host-profile", "--out"):
         assert flag in out
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             cli.main(["bench", "--model", "llama3-1b"])
 
 
-@pytest.mark.parametrize("name", ["llama3-1b", "llama3-8b", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["llama3-1b", "llama3-8b", "smollm2-135m-shape"])
 def test_bench_shapes_are_the_public_configs(name):
     from ppcompile import bench
     model = bench.random_llama(name, device="meta", layers=1)  # shapes only, no memory
@@ -243,7 +244,7 @@ def test_bench_shapes_are_the_public_configs(name):
     assert cfg.hidden_size == shape["hidden_size"] and cfg.num_hidden_layers == 1
     mlp = model.model.layers[0].mlp
     assert tuple(mlp.gate_proj.weight.shape) == (shape["intermediate_size"], shape["hidden_size"])
-    vocab = {"smollm2-135m": 49152}.get(name, 128256)
+    vocab = {"smollm2-135m-shape": 49152}.get(name, 128256)
     assert tuple(model.lm_head.weight.shape) == (vocab, shape["hidden_size"])
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == shape["tie_word_embeddings"]
 
