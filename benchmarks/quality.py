@@ -69,7 +69,8 @@ class Setup:
 # SmolLM2 calibrates on 72 windows: its router distillation trains on every calibration batch
 # but the held-out first, and fresh batches are what still pays (router_ablation.md, J and K:
 # 2.42 -> 2.19 -> 2.11 at 50% active with 3 -> 4 -> 8 training batches); the plan passes' bf16
-# sparse runs (K) made 8 of them cost less plan time (145 s) than 4 did before (164 s)
+# sparse runs (K) made 8 of them cost less plan time (145 s) than 4 did before (164 s), on a
+# Sapphire Rapids machine; 171-186 s on the 2-core EPYC machines (router_ablation.md Q)
 SETUPS = {
     "smollm2-135m": Setup(seq_len=256, batch_size=8, eval_windows=32, calib_windows=72),
     "gemma3-270m": Setup(seq_len=256, batch_size=4, eval_windows=12, calib_windows=32),
@@ -179,6 +180,8 @@ def run_model(name, args):
 
     summary = dict(metric=metric, dense=dense, seq_len=setup.seq_len, batch_size=batch_size,
                    eval_windows=len(evals), eval_tokens=evals.numel(),
+                   # perplexity scores each window's tokens after its first
+                   scored_tokens=(evals.shape[0] * (evals.shape[1] - 1)) if setup.causal else None,
                    calib_windows=len(calib), calib_tokens=calib.numel(),
                    dense_eval_seconds=round(dense_seconds, 1), compiles={})
     records, calibration_lines = [], []
