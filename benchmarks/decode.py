@@ -29,7 +29,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["llama3-1b", "llama3-8b"],
                     choices=list(bench.LLAMA_SHAPES),
-                    help="smollm2-135m-shape too (random weights): launch-bound FFNs, on the program-per-expert kernel")
+                    help="smollm2-135m-shape too (random weights): launch-bound FFNs, on "
+                    "the program-per-expert kernel")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--prompt-len", type=int, default=128)

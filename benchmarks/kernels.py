@@ -25,8 +25,8 @@ is set exactly: token n's input has a one in dimension n and the router has +-20
 its logits are +20 on its chosen experts and -20 elsewhere; with tau = 0.999 exactly the chosen
 experts are kept (checked against the op's counts). At 100% active tau is 1.0 in the decode
 table, as a user runs the dense model (the kernels then skip the selection); the many-token
-table keeps tau = 0.999 there (every expert chosen, the selection still run). Batch-8 tokens choose independent random
-sets; the floor then counts the union's bytes.
+table keeps tau = 0.999 there (every expert chosen, the selection still run). Batch-8 tokens
+choose independent random sets; the floor then counts the union's bytes.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None, m
         # (or, when dynamo skips guards and calls this entry again, it compiles itself).
         sparse.compiled, sparse.relayout = gm, relayout
         return sparse
-    example = list(example_inputs) + sparse.extra_inputs(example_inputs)
+    example = list(example_inputs) + sparse.ffn_inputs(example_inputs)[0]
     sparse.compiled = inner_compile(gm, example, opts.cudagraphs)
     if sparse.dynamic:  # its shapes are symbolic only now, inside dynamo's compile
         sparse.compile_dense(example_inputs)
@@ -153,22 +153,13 @@ class SparseGraph:
         self.dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
                            for n in dense_gm.graph.nodes if n.op == "placeholder")
         # per set of FFN weights the graph is called with (one per layer where dynamo reuses
-        # the graph across layers): their extra inputs, states and watch
-        self._seen, self._key, self._extras, self._states = {}, None, None, []
+        # the graph across layers): their extra inputs, states and watch (ffn_inputs)
+        self._seen = {}
 
     def __call__(self, *args):
-        key = tuple(id(args[up]) for up, _, _ in self.layout)
-        if key != self._key:
-            if key not in self._seen:
-                extras = self.extra_inputs(args)
-                self._seen[key] = (extras, self._states, WeightWatch(args, self.layout,
-                                                                     self._states))
-            self._key = key
-            self._extras, self._states, watch = self._seen[key]
-        else:
-            watch = self._seen[key][2]
+        extras, states, watch = self.ffn_inputs(args)
         watch.check(args)
-        if not self.relayout and all(state.keeps_all for state in self._states):
+        if not self.relayout and all(state.keeps_all for state in states):
             dense = self._dense(args)
             if dense is not None:
                 return dense(*args)
@@ -177,10 +168,10 @@ class SparseGraph:
             # the weights have their layout, and dynamo calls this eager entry anyway: it skips
             # guards (torch.compiler.set_stance(skip_guard_eval_unsafe=True), as decode loops
             # do), so it would never reach the recompiled entry. Compile once, here.
-            self.compiled = inner_compile(self.compiled, [*args, *self._extras],
+            self.compiled = inner_compile(self.compiled, [*args, *extras],
                                           self.options.cudagraphs)
             self.relayout = []
-        out = self.compiled(*args, *self._extras)
+        out = self.compiled(*args, *extras)
         for position, column_major in self.relayout:
             relayout_(args[position], column_major)
         return out
@@ -197,12 +188,16 @@ class SparseGraph:
         self.dense_compiled = inner_compile(_copy(self.dense_gm), list(example_inputs),
                                             self.options.cudagraphs)
 
-    def extra_inputs(self, args) -> list:
+    def ffn_inputs(self, args) -> tuple:
+        """(extra graph inputs, states, weight watch) of the FFN weights in args, made the first
+        time these weights are seen (planned then if they have no plan)."""
+        key = tuple(id(args[up]) for up, _, _ in self.layout)
+        if key in self._seen:
+            return self._seen[key]
         states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
         if any(s is None for s in states):
             self._plan_unseen(args)
             states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
-        self._states = states
         extras = []
         for (up, down, size), state in zip(self.layout, states):
             if state.expert_size != size:
@@ -210,7 +205,8 @@ class SparseGraph:
                     f"ppcompile: FFN '{state.name}' was re-planned with expert_size="
                     f"{state.expert_size} after this graph was compiled for {size}; compile again")
             extras += extra_inputs(state, self.options.method)
-        return extras
+        self._seen[key] = (extras, states, WeightWatch(args, self.layout, states))
+        return self._seen[key]
 
     def _plan_unseen(self, args):
         warnings.warn(

@@ -67,6 +67,9 @@ class FFNMatch:
         return values[self.up.weight], values[self.down.weight]
 
 
+NO_OPTIONS_YET = object()  # SparseFFN.options_source before any compile has set its tau
+
+
 @dataclass(eq=False)
 class SparseFFN:
     """Runtime state of one sparsified FFN: its router, tau and statistics. Owned by the registry,
@@ -99,13 +102,19 @@ class SparseFFN:
     signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_columns, plan's order
     plan_key: tuple = ()
     plan_file: str | None = None  # the plan file it was loaded from, if any
-    options_source: object = field(default=None, repr=False)  # the options dict that set tau
+    # the options dict that set tau; a state read from a plan file starts with none, so the
+    # compile that adopts it always sets its tau (attach_plans._adopt)
+    options_source: object = field(default=NO_OPTIONS_YET, repr=False)
 
     def __post_init__(self):
-        self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
-        self._static_w = torch.zeros_like(self.router_w)
+        self._new_call_buffers()
         self.model_tau = self.tau.clone()
         self.set_temperature_table(self.temperature_table)
+
+    def _new_call_buffers(self):
+        """Zeroed statistics and the static method's zero router, beside router_w."""
+        self.stats = torch.zeros(2, dtype=torch.float64, device=self.router_w.device)
+        self._static_w = torch.zeros_like(self.router_w)
 
     def move_to_(self, device: torch.device, dtype: torch.dtype):
         """Put the router and the per-call tensors where the FFN's weights now are (a model
@@ -116,8 +125,7 @@ class SparseFFN:
             self.router_b = self.router_b.to(device, dtype)
         self.static_scores = self.static_scores.to(device)
         self.tau, self.model_tau = self.tau.to(device), self.model_tau.to(device)
-        self.stats = torch.zeros(2, dtype=torch.float64, device=device)
-        self._static_w = torch.zeros_like(self.router_w)
+        self._new_call_buffers()
 
     def set_temperature_table(self, table: torch.Tensor | None):
         """Give the router a temperature per model-wide tau (None: the router as it is now,

@@ -180,7 +180,8 @@ def test_demo_help(capsys):
 
 def test_demo_and_bench_reject_bad_arguments_naming_the_flag(capsys):
     for argv, words in [(["demo", "--taus", "1.5"], "argument --taus: expected a number in (0, 1]"),
-                        (["demo", "--seq-len", "1"], "argument --seq-len: expected an integer >= 2"),
+                        (["demo", "--seq-len", "1"],
+                         "argument --seq-len: expected an integer >= 2"),
                         (["bench", "--model", "x", "--fractions", "0"],
                          "argument --fractions: expected a number in (0, 1]")]:
         with pytest.raises(SystemExit):

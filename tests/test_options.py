@@ -93,7 +93,8 @@ def test_expert_size_must_divide_d_ff(monkeypatch):
 
 def test_numpy_numbers_are_python_numbers():
     np = pytest.importorskip("numpy")
-    opts = Options.from_dict({"tau": np.float32(0.5), "expert_size": np.int64(16), "seed": np.int32(3)})
+    opts = Options.from_dict({"tau": np.float32(0.5), "expert_size": np.int64(16),
+                              "seed": np.int32(3)})
     assert (opts.tau, opts.expert_size, opts.seed) == (0.5, 16, 3)
     assert type(opts.tau) is float and type(opts.expert_size) is int and type(opts.seed) is int
     assert type(Options(tau=1).tau) is float

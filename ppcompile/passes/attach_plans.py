@@ -207,8 +207,4 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             plan_key=tuple({**PLAN_FIELD_DEFAULTS, **opts}[name] for name in PLAN_FIELDS),
             plan_file=path)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
-        # a state read from a file always takes this compile's tau (even with no options dict,
-        # whose None would look to _adopt like the compile that set it)
-        state.set_tau(ctx.options.tau)
-        state.options_source = ctx.options_source
-        ffn.state = state
+        _adopt(ffn, state, ctx)

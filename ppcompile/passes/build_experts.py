@@ -7,7 +7,8 @@ in place so that expert e owns neurons [e*s, (e+1)*s): rows of the up/gate proje
 biases) and columns of the down projection.
 Guarantees: the graph is unchanged and so is the dense function (the same permutation on both
 sides of the activation); `ffn.perm` records the neuron order w.r.t. the original weights;
-the sample's activations are permuted alike. Refuses an expert size that does not divide d_ff.
+the sample's activations are permuted alike. (An expert size that does not divide d_ff was
+refused by calibrate, through refuse_indivisible, before the sample was taken.)
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ def build_experts(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     for ffn in gm.meta["ppcompile_ffns"]:
         if ffn.state is not None or ffn.sample is None:
             continue
-        refuse_indivisible([ffn], size)
         gen = torch.Generator(device="cpu").manual_seed(ctx.options.seed)
         assign = balanced_kmeans(_features(ffn.sample["h"]), ffn.d_ff // size, size, gen)
         perm = torch.argsort(assign * ffn.d_ff + torch.arange(ffn.d_ff, device=assign.device))
@@ -92,9 +92,10 @@ def refuse_indivisible(ffns, size: int):
         if ffn.d_ff % size:
             divisors = [k for k in range(1, ffn.d_ff + 1) if ffn.d_ff % k == 0]
             near = sorted(divisors, key=lambda k: abs(k - size))[:4]
+            examples = ", ".join(map(str, sorted(near)))
             raise OptionError(
                 f"option 'expert_size'={size} does not divide d_ff={ffn.d_ff} of FFN "
-                f"'{ffn.name}'; use a divisor of {ffn.d_ff}, e.g. {', '.join(map(str, sorted(near)))}")
+                f"'{ffn.name}'; use a divisor of {ffn.d_ff}, e.g. {examples}")
 
 
 def permute_neurons_(weights: dict, perm: torch.Tensor):
