@@ -13,8 +13,9 @@ LM). The supported way to decode under the backend, as done here:
 Measures, per batch size: decode tokens/s (new tokens after the first, over the time they take:
 a generate() of N new tokens minus one of 1 new token), peak GPU memory of a generate(), the
 active fraction measured during it, and the ideal speed-up 1 / (1 - f (1 - a)), f being the FFNs'
-share of the weight bytes read per decoded token. At batch > 1, `a` is the measured union of the
-experts the batch's tokens keep (the weights the step must read). Also the GPU time per step
+share of the weight bytes read per decoded token. `a` is counted over decode steps only (the
+prompt's prefill left out), and at batch > 1 it is the measured union of the experts the
+batch's tokens keep (the weights the step must read). Also the GPU time per step
 (kernels only, torch.profiler): generate() adds host time per token that no FFN kernel removes,
 so the ideal is compared with both.
 """
@@ -241,16 +242,38 @@ def union_fraction(model, batch: int, vocab: int, positions: int = 16) -> float:
     return kept / total
 
 
+def decode_fraction(decoder, prompt, steps: int = 16) -> float:
+    """Active fraction of the decode steps alone, at the current tau: the FFN statistics of a
+    generate() of 1 + steps new tokens minus those of one new token (the prefill, whose prompt
+    tokens would otherwise make up most of the count). Resets the statistics."""
+    decoder.generate(prompt, 1)  # a model compiled but not yet called has no sparse FFN
+    states = REGISTRY.states_of(decoder.model.parameters())
+
+    def totals(new_tokens):
+        for state in states:
+            state.stats.zero_()
+        decoder.generate(prompt, new_tokens)
+        return [state.stats.tolist() for state in states]
+
+    short, long = totals(1), totals(1 + steps)
+    active = sum(l[0] - s[0] for l, s in zip(long, short))
+    slots = sum((l[1] - s[1]) * state.d_ff for l, s, state in zip(long, short, states))
+    if slots <= 0:
+        raise RuntimeError("bench.decode_fraction: the decode steps counted no FFN tokens "
+                           "(is the model compiled with the prunepath backend, tau < 1?)")
+    return active / slots
+
+
 def tau_for_fraction(decoder, prompt, target: float, steps: int = 8) -> tuple[float, float]:
-    """Bisect tau so that decoding keeps `target` of the FFN neurons; (tau, measured fraction)."""
+    """Bisect tau so that the decode steps keep `target` of the FFN neurons; (tau, measured
+    fraction)."""
     if target >= 1.0:
         return 1.0, 1.0
     lo, hi, best = 0.0, 1.0, (1.0, 1.0)
     for _ in range(steps):
         tau = (lo + hi) / 2
         ppcompile.set_tau(decoder.model, tau)
-        decoder.generate(prompt, 16)
-        fraction = ppcompile.report(decoder.model).active_fraction
+        fraction = decode_fraction(decoder, prompt)
         if abs(fraction - target) < abs(best[1] - target):
             best = (tau, fraction)
         lo, hi = (tau, hi) if fraction < target else (lo, tau)
@@ -319,7 +342,7 @@ def run(model, name: str, batches, fractions, prompt_len=128, new_tokens=256, ca
             if host_profile_dir is not None:
                 decoder.host_profile(prompts[b], host_profile_dir / f"{name}_b{b}_a{target}.txt")
             allocated(f"after measuring batch {b}")
-            active = ppcompile.report(model).active_fraction
+            active = 1.0 if tau >= 1.0 else decode_fraction(decoder, prompts[b])
             union = active if b == 1 else union_fraction(model, b, vocab)
             ideal = 1.0 / (1.0 - share * (1.0 - union))
             speedup = result["tokens_per_s"] / dense[b]["tokens_per_s"]

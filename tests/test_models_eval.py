@@ -263,3 +263,25 @@ def test_shipped_texts_are_the_two_halves():
     assert heldout.startswith(b" = Robert Boulter = ")
     assert abs(len(calib) - len(heldout)) < 0.05 * len(calib)
     calib.decode("utf-8"), heldout.decode("utf-8")
+
+
+def test_bench_decode_fraction_counts_decode_steps_only(tmp_path, monkeypatch):
+    """The decode benchmark's active fraction leaves the prompt's prefill out: under "topk" every
+    token keeps exactly round(tau * E) experts, and the steps counted are the decode steps."""
+    from ppcompile import bench
+    from ppcompile.ffn import REGISTRY
+    monkeypatch.setenv("PPCOMPILE_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama")
+    forward = model.forward
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.forward = torch.compile(forward, backend="prunepath", options=dict(
+        tau=0.5, method="topk", expert_size=8, calibration=calibration, distill_epochs=0))
+    decoder = bench.Decoder(model, prompt_len=12, new_tokens=8)
+    prompt = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    fraction = bench.decode_fraction(decoder, prompt, steps=3)
+    states = REGISTRY.states_of(model.parameters())
+    assert len(states) == 2
+    # the last generate() was 1 + 3 new tokens: prefill (2 x 12 tokens) then 3 steps of 2 tokens
+    assert [s.stats[1].item() for s in states] == [2 * 12 + 2 * 3] * 2
+    assert fraction == pytest.approx(round(0.5 * 8) / 8)
+    model.forward = forward

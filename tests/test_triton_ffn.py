@@ -298,6 +298,22 @@ def test_strided_biases(n):
     run_and_check(ffn, 0.7, "silu", 8)
 
 
+@native_only
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("n", [1, 8])
+def test_runs_on_its_inputs_device_not_the_current_one(n):
+    """Called eagerly on cuda:1 while cuda:0 is current, the kernels run on cuda:1."""
+    ffn = make_ffn(n, 32, 64, 8, gated=True, biases=True, seed=4)
+    on_1 = {k: None if v is None else v.to("cuda:1") for k, v in ffn.items()}
+    expected, _ = triton_ffn.sparse_ffn_triton(**ffn, tau=tau_tensor(0.7), activation="silu",
+                                               expert_size=8)
+    with torch.cuda.device(0):
+        y, stats = triton_ffn.sparse_ffn_triton(**on_1, tau=tau_tensor(0.7).to("cuda:1"),
+                                                activation="silu", expert_size=8)
+    assert y.device == stats.device == torch.device("cuda:1")
+    torch.testing.assert_close(y.cpu(), expected.cpu())  # atomics: summation order varies
+
+
 def test_strided_and_batched_input():
     ffn = make_ffn(6, 32, 64, 16, gated=True, biases=True, seed=5)
     ffn["x"] = ffn["x"].t().contiguous().t().reshape(2, 3, 32)  # column-major rows, batch dims

@@ -36,6 +36,7 @@ the numbers behind the choices are in benchmarks/KERNELS.md; in short:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -990,8 +991,12 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     # the kernels index biases with unit stride (a no-op for the contiguous ones models have)
     b_up, b_gate, b_down, router_b = (None if b is None else b.contiguous()
                                       for b in (b_up, b_gate, b_down, router_b))
-    y, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau,
-                      stats, ACTIVATIONS[activation], method in TOPK_METHODS, expert_size, p)
+    # Triton launches on the current CUDA device: make it x's (a model on cuda:1 called eagerly
+    # while cuda:0 is current; Inductor's generated code sets the device itself)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        y, bits = _launch(x2d, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
+                          tau, stats, ACTIVATIONS[activation], method in TOPK_METHODS,
+                          expert_size, p)
     y = y.reshape(*x.shape[:-1], d_out)
     if not return_keep:
         return y, stats
