@@ -41,8 +41,8 @@ class Options:
         clearly better than 16 at equal active fraction on SmolLM2-135M (see
         benchmarks/results/router_ablation.md), at twice the router's width. On the GPU each
         call pays a selection whose cost grows with the number of experts: one token through a
-        4096x14336 FFN at 25% active took 53.1 / 43.6 / 38.4 us with 8 / 16 / 32-neuron experts
-        on an H200 (GPU_RUNS.md, runs 32-35); the kernel and decode benchmarks use 16.
+        4096x14336 FFN at 25% active took 44.4 us with 8-neuron experts against 39.3 with 16
+        on an H200 (GPU_RUNS.md, run 102); benchmarks/kernels.py and decode.py use 16.
     calibration_tokens: int >= 64. Tokens sampled per FFN for clustering and router fitting
         (calibration runs on all tokens, but keeps at most this many per FFN in memory: about
         4 * n * (d + d_ff) bytes per FFN). Routers are data-limited: 8192 measured clearly

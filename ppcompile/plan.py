@@ -8,8 +8,9 @@ sorted, they are a signature invariant under neuron order. Loading a plan compar
 a tolerance (sums differ in the last bits between devices), then finds the order the weights are
 in from the unsorted columns (the original order, the plan's, e.g. weights saved after a compile,
 or any other), so the plan's order is reached whatever order they were saved in. The cache is
-keyed by a hash of the compiled graph's weights (graph_fingerprint: the FFNs' signatures whole,
-the other weights by their shapes and a strided sample of their values).
+keyed by a hash of the compiled graph (graph_fingerprint: its structure, the FFNs' signatures
+whole, the other weights by their shapes and a strided sample of their values), then by the plan
+options, the planning code's version and a hash of the calibration data (cache_path).
 """
 from __future__ import annotations
 

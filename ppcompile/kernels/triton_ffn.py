@@ -55,7 +55,7 @@ DECODE_MAX_N = 16       # up to this many tokens, the decode plan (one token til
 # Past this many tokens the op runs the torch reference (cuBLAS GEMMs, dropped experts masked):
 # the union of experts is then nearly all of them, and on an H100 (2026-11-25, 4096x14336 bf16)
 # cuBLAS took 139 / 144 / 179 / 491 us at 16 / 64 / 256 / 1024 tokens against 224 / 226 / 624 /
-# 1482 us for the best kernel plan (benchmarks/results/kernels_prefill.json).
+# 1482 us for the best kernel plan (benchmarks/results/gpu/run1/kernels_prefill.json).
 DENSE_ABOVE = 16
 LIST_ABOVE = 1024       # more (padded) experts than this: the pairwise selection lists the kept
 MAX_EXPERTS = 8192      # one program sorts a token's experts in registers; above this, reference

@@ -8,7 +8,8 @@ followed by `stats.add_(counts)`. The router weights, tau and statistics enter a
 inputs, appended after the existing ones and marked static (their addresses never change), so
 the same compiled graph serves any layer whose weights it is called with.
 Guarantees: per rewritten FFN the graph loses its projections and activation nodes and gains one
-sparse_ffn node; every other node is untouched; gm.meta["ppcompile_inputs"] lists, per rewritten
+sparse_ffn node (with the getitems of its outputs, the add of its counts into the statistics and
+views of the weights it reads); every other node is untouched; gm.meta["ppcompile_inputs"] lists, per rewritten
 FFN, the input positions of its up and down weights and its expert size, in the order of the
 new inputs (4 per FFN: router_w, router_b, tau, stats).
 """
