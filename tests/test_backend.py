@@ -1,6 +1,7 @@
 """End to end through torch.compile(backend="prunepath") with Inductor on tiny random models of
 every supported family."""
 import importlib
+import re
 import warnings
 
 import pytest
@@ -566,3 +567,22 @@ def test_inductor_cache_key_holds_the_kernel_sources(tmp_path, monkeypatch):
     # a post-grad pass of the user's own is left alone (its uuid decides the key)
     monkeypatch.setattr(config, "post_grad_custom_post_pass", lambda graph: None)
     assert compile_once("c")["fxgraph_cache_hit"] == 0
+
+
+def test_a_graph_that_returns_its_loss_plans_and_runs(capsys):
+    """model(ids, labels=ids) returns the loss (0-d) beside the logits: the plan passes'
+    distillation and checks read the logits, and the loss follows the sparse model."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        eager = model(IDS, labels=IDS)
+    compiled = compile_model(model, tau=0.5)
+    with torch.no_grad():
+        sparse = compiled(IDS, labels=IDS)
+    err = capsys.readouterr().err  # the distillation ran (kept or not), on the logits
+    assert re.search(r"router distillation (kept|dropped): \d+ updates", err)
+    assert sparse.loss.dim() == 0 and abs(sparse.loss.item() - eager.loss.item()) > 1e-4
+    ppcompile.set_tau(compiled, 1.0)
+    with torch.no_grad():
+        dense = compiled(IDS, labels=IDS)
+    assert abs(dense.loss.item() - eager.loss.item()) < 1e-5
+    assert rel_err(dense.logits, eager.logits) < 1e-4

@@ -305,7 +305,7 @@ SLICE_ELEMENTS = 1 << 19
 
 def _row_slices(t):
     """t as 2-D rows (last dimension kept), in slices of at most SLICE_ELEMENTS elements."""
-    rows = t.reshape(-1, t.shape[-1])
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)  # a loss is 0-d
     step = max(1, SLICE_ELEMENTS // max(1, rows.shape[1]))
     return [rows[i:i + step] for i in range(0, rows.shape[0], step)]
 
@@ -329,7 +329,8 @@ def _relative_error(got, want, want_sq=None) -> float:
 
 def _logits(got, want, logits_width):
     """The first (got, want) pair of logits-like outputs (last dimension >= logits_width)."""
-    return next(((g, w) for g, w in zip(got, want) if w.shape[-1] >= logits_width), None)
+    return next(((g, w) for g, w in zip(got, want) if w.dim() and w.shape[-1] >= logits_width),
+                None)
 
 
 def _kl(got, want, grad=None, scale=1.0) -> float:
