@@ -586,3 +586,18 @@ def test_a_graph_that_returns_its_loss_plans_and_runs(capsys):
         dense = compiled(IDS, labels=IDS)
     assert abs(dense.loss.item() - eager.loss.item()) < 1e-5
     assert rel_err(dense.logits, eager.logits) < 1e-4
+
+
+@pytest.mark.parametrize("tied", ["gate_proj", "down_proj"])
+def test_ffns_sharing_some_weights_stay_dense(tied):
+    """Two FFNs that share one projection (not the whole FFN) cannot both reorder its neurons:
+    they stay dense, with a warning, and the model (eager too) is unchanged."""
+    model = tiny_model("llama")
+    mlps = [layer.mlp for layer in model.model.layers]
+    setattr(mlps[1], tied, getattr(mlps[0], tied))
+    eager = run(model)
+    with pytest.warns(UserWarning, match="share some of their weights"):
+        compiled = compile_model(model, tau=0.5)
+        out = run(compiled)
+    assert ppcompile.report(compiled).rows == []
+    assert rel_err(out, eager) < 1e-5 and rel_err(run(model), eager) < 1e-6

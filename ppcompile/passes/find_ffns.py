@@ -11,11 +11,15 @@ so an activation spelled out as a formula (GPT-2's gelu_new) matches like F.gelu
 
 Guarantees: the graph is unchanged; gm.meta["ppcompile_ffns"] lists FFNMatch objects whose
 projections and region nodes are used by nothing outside the FFN, no node belongs to two FFNs,
-and no two of them share weights: a module applied twice (shared weights) is listed at its first
-use, and each later use in gm.meta["ppcompile_twins"] as (match, first match), to be planned once
-and rewritten at every use.
+and no two of them share weights: a module applied twice (the same up, gate and down weights) is
+listed at its first use, and each later use in gm.meta["ppcompile_twins"] as (match, first
+match), to be planned once and rewritten at every use. FFNs that share only some of the tensors a
+plan reorders (a tied gate or down projection), or whose weights the graph also reads elsewhere,
+are left out, with a warning: reordering one would corrupt the other.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx as fx
@@ -39,20 +43,63 @@ def find_ffns(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         match = _match_ffn(down, projections, values)
         if match is None:
             continue
-        nodes = {*match.region, *match.down.nodes, *match.up.nodes,
-                 *(match.gate.nodes if match.gate else ())}
+        nodes = _nodes(match)
         if nodes & taken:
             continue
         taken |= nodes
-        key = (match.up.weight, match.down.weight)
+        key = (match.up.weight, match.gate.weight if match.gate else None, match.down.weight)
         if key in by_weights:
             twins.append((match, by_weights[key]))
         else:
             by_weights[key] = match
             ffns.append(match)
-    gm.meta["ppcompile_ffns"] = ffns
-    gm.meta["ppcompile_twins"] = twins
+    shared = _partly_shared(ffns, twins, values)
+    if shared:
+        warnings.warn(
+            f"ppcompile: FFNs {', '.join(sorted(m.name for m in shared))} share some of their "
+            "weights with another FFN or read them elsewhere in the graph; their neurons cannot be "
+            "reordered for one without corrupting the other, so they stay dense", stacklevel=2)
+    gm.meta["ppcompile_ffns"] = [m for m in ffns if m not in shared]
+    gm.meta["ppcompile_twins"] = [(t, m) for t, m in twins if m not in shared]
     return gm
+
+
+def _partly_shared(ffns, twins, values) -> set:
+    """The first matches (ffns) whose neuron-ordered tensors (up and gate weights and biases, the
+    down weight, which a plan permutes in place) are shared with another FFN that is not their
+    twin (same up, gate and down), or whose weight nodes are also read outside every FFN."""
+    group_nodes = {id(m): _nodes(m) for m in ffns}
+    for twin, first in twins:
+        group_nodes[id(first)] |= _nodes(twin)
+    inside = set().union(*group_nodes.values()) if group_nodes else set()
+    owners, shared = {}, set()
+    for m in ffns:
+        for node in _permuted(m):
+            owners.setdefault(_storage(values[node]), set()).add(id(m))
+            if any(user not in inside for user in node.users):
+                shared.add(id(m))
+    for groups in owners.values():
+        if len(groups) > 1:
+            shared |= groups
+    return {m for m in ffns if id(m) in shared}
+
+
+def _permuted(match):
+    projections = [match.up, match.gate] if match.gate else [match.up]
+    return [*(p.weight for p in projections), *(p.bias for p in projections if p.bias is not None),
+            match.down.weight]
+
+
+def _nodes(match) -> set:
+    return {*match.region, *match.down.nodes, *match.up.nodes,
+            *(match.gate.nodes if match.gate else ())}
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without real storage
+        return id(t)
 
 
 def _match_ffn(down: Projection, projections, values) -> FFNMatch | None:
