@@ -242,4 +242,5 @@ def _warn_dense(example_inputs, options):
     if key in _warned or (options is not None and id(options) in _with_ffns):
         return
     _warned.add(key)
-    warnings.warn("ppcompile: no FFN matched in this graph; it is compiled dense", stacklevel=2)
+    warnings.warn("ppcompile: no FFN matched in this graph (a model without one, or a piece of a "
+                  "model between graph breaks); it is compiled dense", stacklevel=2)

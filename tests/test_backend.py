@@ -601,3 +601,27 @@ def test_ffns_sharing_some_weights_stay_dense(tied):
         out = run(compiled)
     assert ppcompile.report(compiled).rows == []
     assert rel_err(out, eager) < 1e-5 and rel_err(run(model), eager) < 1e-6
+
+
+def test_graph_break_before_the_first_ffn(monkeypatch):
+    """The graph that the token ids feed (embeddings) holds no FFN when a graph break follows it:
+    the graphs after the break take hidden states and calibrate on their call's inputs, with a
+    warning (the calibration option is not refused as fitting no input)."""
+    import transformers.models.llama.modeling_llama as llama
+    attention = llama.LlamaAttention.forward
+
+    def broken(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return attention(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama.LlamaAttention, "forward", broken)
+    model = tiny_model("llama")
+    eager = run(model)
+    with pytest.warns(UserWarning, match="fits none of this graph's inputs"):
+        compiled = compile_model(model, tau=0.5)
+        sparse = run(compiled)
+    rows = ppcompile.report(compiled).rows
+    assert len(rows) == 2 and all(0 < r["active_fraction"] < 1 for r in rows)
+    assert rel_err(sparse, eager) > 1e-3
+    ppcompile.set_tau(compiled, 1.0)
+    assert rel_err(run(compiled), eager) < 1e-4

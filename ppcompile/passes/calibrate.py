@@ -44,6 +44,12 @@ DENSE_KEEP_BYTES = 2 << 30
 def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     todo = [f for f in gm.meta["ppcompile_ffns"] if f.state is None]
     if not todo:
+        # a graph before a graph break (the embeddings) may be the one the data feeds: then the
+        # graphs after it, which take hidden states, calibrate on their call's inputs
+        data = ctx.options.calibration
+        if data is not None and _fitting_inputs(gm, [concrete(v) for v in ctx.example_inputs],
+                                                data):
+            _FED.add(id(ctx.options_source))
         return gm
     refuse_indivisible(todo, ctx.options.expert_size)  # before the calibration runs, not after
     batches = calibration_batches(gm, ctx)
@@ -179,16 +185,7 @@ def _calibration_input(placeholders, example, data, ctx) -> int | None:
     parameter or buffer) of the same kind of dtype and trailing sizes; `input_ids` first. None
     where it fits no input of a graph whose compile call it fed before (a graph after a graph
     break); where it never fed one, the option is wrong and refused."""
-    candidates = []
-    for i, (node, value) in enumerate(zip(placeholders, example)):
-        if not is_user_input(node, value):
-            continue
-        if value.dtype.is_floating_point != data.dtype.is_floating_point:
-            continue
-        if value.dim() < 1 or tuple(value.shape[2:]) != tuple(data.shape[2:]) or \
-                data.dim() not in (value.dim(), 1 if value.dim() == 2 else -1):
-            continue
-        candidates.append(i)
+    candidates = _fitting_inputs(placeholders, example, data)
     if not candidates and id(ctx.options_source) in _FED:
         return None
     if not candidates:
@@ -209,6 +206,25 @@ def _calibration_input(placeholders, example, data, ctx) -> int | None:
             f"{', '.join(map(repr, others))} keep this call's values in every calibration batch "
             "(an encoder-decoder's decoder FFNs are calibrated on them)", stacklevel=3)
     return index
+
+
+def _fitting_inputs(graph_or_placeholders, example, data) -> list[int]:
+    """Indices of the user inputs (not parameters or buffers) that the calibration data could
+    stand for: the same kind of dtype and trailing sizes."""
+    placeholders = graph_or_placeholders
+    if isinstance(placeholders, fx.GraphModule):
+        placeholders = [n for n in placeholders.graph.nodes if n.op == "placeholder"]
+    candidates = []
+    for i, (node, value) in enumerate(zip(placeholders, example)):
+        if not is_user_input(node, value):
+            continue
+        if value.dtype.is_floating_point != data.dtype.is_floating_point:
+            continue
+        if value.dim() < 1 or tuple(value.shape[2:]) != tuple(data.shape[2:]) or \
+                data.dim() not in (value.dim(), 1 if value.dim() == 2 else -1):
+            continue
+        candidates.append(i)
+    return candidates
 
 
 def _windows(data: torch.Tensor, shape) -> torch.Tensor:
