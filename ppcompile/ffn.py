@@ -67,9 +67,6 @@ class FFNMatch:
         return values[self.up.weight], values[self.down.weight]
 
 
-NO_OPTIONS_YET = object()  # SparseFFN.options_source before any compile has set its tau
-
-
 @dataclass(eq=False)
 class SparseFFN:
     """Runtime state of one sparsified FFN: its router, tau and statistics. Owned by the registry,
@@ -102,9 +99,10 @@ class SparseFFN:
     signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_columns, plan's order
     plan_key: tuple = ()
     plan_file: str | None = None  # the plan file it was loaded from, if any
-    # the options dict that set tau; a state read from a plan file starts with none, so the
-    # compile that adopts it always sets its tau (attach_plans._adopt)
-    options_source: object = field(default=NO_OPTIONS_YET, repr=False)
+    # ids of the options dicts whose torch.compile calls have set tau: each sets it once, at its
+    # first compile, and its recompiles keep what set_tau chose since; a state read from a plan
+    # file starts with none, so the compile that adopts it sets its tau (attach_plans._adopt)
+    tau_set_by: set = field(default_factory=set, repr=False)
 
     def __post_init__(self):
         self._new_call_buffers()

@@ -625,3 +625,17 @@ def test_graph_break_before_the_first_ffn(monkeypatch):
     assert rel_err(sparse, eager) > 1e-3
     ppcompile.set_tau(compiled, 1.0)
     assert rel_err(run(compiled), eager) < 1e-4
+
+
+def test_a_recompile_of_an_earlier_handle_keeps_set_tau():
+    """Two torch.compile calls on one model share its FFNs' tau: each sets it at its first
+    compile; a later recompile of the first handle (a new length) keeps what set_tau chose."""
+    model = tiny_model("llama")
+    first = compile_model(model, tau=0.5)
+    run(first)
+    second = compile_model(model, tau=0.9)
+    run(second)
+    assert {r["tau"] for r in ppcompile.report(model).rows} == {0.9}
+    ppcompile.set_tau(model, 0.3)
+    run(first, IDS[:, :9])  # a new length: dynamo recompiles the first handle's frame
+    assert {r["tau"] for r in ppcompile.report(model).rows} == {0.3}

@@ -113,10 +113,11 @@ def _adopt(ffn, state, ctx):
     w_up = ffn.weights(ctx.values)["w_up"]
     if (state.router_w.device, state.router_w.dtype) != (w_up.device, w_up.dtype):
         state.move_to_(w_up.device, w_up.dtype)
-    if state.options_source is not ctx.options_source:
-        # a new torch.compile call sets its own tau; a recompile keeps what set_tau chose
+    if id(ctx.options_source) not in state.tau_set_by:
+        # a new torch.compile call sets its own tau; a recompile (of this compiled handle or of
+        # an earlier one) keeps what set_tau chose
         state.set_tau(ctx.options.tau)
-        state.options_source = ctx.options_source
+        state.tau_set_by.add(id(ctx.options_source))
     ffn.state = state
 
 

@@ -85,7 +85,7 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             router_b=router_b.to(**on_device), static_scores=static.to(device=w_up.device),
             tau=torch.tensor(opts.tau, dtype=torch.float32, device=w_up.device),
             perm=ffn.perm.cpu(), signature=neuron_columns(weights), plan_key=opts.plan_key(),
-            options_source=ctx.options_source)
+            tau_set_by={id(ctx.options_source)})
         planned.append((ffn, weights))
     if not planned:
         return gm
