@@ -47,8 +47,9 @@ def calibrate(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         # a graph before a graph break (the embeddings) may be the one the data feeds: then the
         # graphs after it, which take hidden states, calibrate on their call's inputs
         data = ctx.options.calibration
-        if data is not None and _fitting_inputs(gm, [concrete(v) for v in ctx.example_inputs],
-                                                data):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        example = [concrete(v) for v in ctx.example_inputs]
+        if data is not None and _fitting_inputs(placeholders, example, data):
             _FED.add(id(ctx.options_source))
         return gm
     refuse_indivisible(todo, ctx.options.expert_size)  # before the calibration runs, not after
@@ -208,12 +209,9 @@ def _calibration_input(placeholders, example, data, ctx) -> int | None:
     return index
 
 
-def _fitting_inputs(graph_or_placeholders, example, data) -> list[int]:
+def _fitting_inputs(placeholders, example, data) -> list[int]:
     """Indices of the user inputs (not parameters or buffers) that the calibration data could
     stand for: the same kind of dtype and trailing sizes."""
-    placeholders = graph_or_placeholders
-    if isinstance(placeholders, fx.GraphModule):
-        placeholders = [n for n in placeholders.graph.nodes if n.op == "placeholder"]
     candidates = []
     for i, (node, value) in enumerate(zip(placeholders, example)):
         if not is_user_input(node, value):

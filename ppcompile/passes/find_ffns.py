@@ -71,7 +71,7 @@ def _partly_shared(ffns, twins, values) -> set:
     group_nodes = {id(m): _nodes(m) for m in ffns}
     for twin, first in twins:
         group_nodes[id(first)] |= _nodes(twin)
-    inside = set().union(*group_nodes.values()) if group_nodes else set()
+    inside = set().union(*group_nodes.values())
     owners, shared = {}, set()
     for m in ffns:
         for node in _permuted(m):
