@@ -205,6 +205,7 @@ class SparseGraph:
                     f"ppcompile: FFN '{state.name}' was re-planned with expert_size="
                     f"{state.expert_size} after this graph was compiled for {size}; compile again")
             extras += extra_inputs(state, self.options.method)
+            state.methods.add(self.options.method)
         self._seen[key] = (extras, states, WeightWatch(args, self.layout, states))
         return self._seen[key]
 

@@ -103,6 +103,7 @@ class SparseFFN:
     # first compile, and its recompiles keep what set_tau chose since; a state read from a plan
     # file starts with none, so the compile that adopts it sets its tau (attach_plans._adopt)
     tau_set_by: set = field(default_factory=set, repr=False)
+    methods: set = field(default_factory=set, repr=False)  # of the compiled graphs that run it
 
     def __post_init__(self):
         self._new_call_buffers()

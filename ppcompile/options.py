@@ -17,6 +17,9 @@ PLAN_FIELDS = ("expert_size", "calibration_tokens", "distill_epochs", "seed")
 PLAN_FIELD_DEFAULTS = {"distill_epochs": 0}
 
 
+_COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
+
+
 class OptionError(ValueError):
     """An option has the wrong name, type or value; the message says which and what is allowed."""
 
@@ -62,7 +65,8 @@ class Options:
         output (computes the dense FFN: slow by design; bounds what a router can reach). For
         "topk" and "static", tau is the fraction of experts kept. All methods share one plan.
     plan: path or None. A plan file (see ppcompile.save_plan) to use instead of calibrating; it
-        must have been made for these weights, or it is refused.
+        must have been made for these weights, or it is refused. It is read when an FFN needs
+        a plan (the first call): a recompile of FFNs that carry it does not read it again.
     cache: bool. Reuse and store plans in the cache directory ($PPCOMPILE_CACHE_DIR, default
         ~/.cache/ppcompile/plans), keyed by a fingerprint of the weights, the plan options,
         the calibration data and a hash of the planning code, so compiling the same model again
@@ -93,14 +97,16 @@ class Options:
             )
         if self.calibration is not None and self.calibration.device.type == "meta":
             raise OptionError("option 'calibration' is on the meta device: it holds no data")
+        if self.calibration is not None and self.calibration.dtype in (torch.bool, *_COMPLEX):
+            raise OptionError(
+                f"option 'calibration' has dtype {self.calibration.dtype}: token ids need an "
+                "integer dtype, hidden states a floating one")
         _check_int(self, "expert_size", 1)
         _check_int(self, "calibration_tokens", 64)
         _check_int(self, "distill_epochs", 0)
         _check_int(self, "seed", 0, 2**63 - 1)  # what a torch.Generator takes
         if self.plan is not None and not isinstance(self.plan, (str, os.PathLike)):
             raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
-        if self.plan is not None and not os.path.isfile(self.plan):
-            raise OptionError(f"option 'plan': no plan file at {os.fspath(self.plan)!r}")
         for name in ("cache", "cudagraphs"):
             value = getattr(self, name)
             if not isinstance(value, bool):

@@ -39,8 +39,8 @@ def set_tau(compiled, tau: float) -> None:
 @dataclass
 class Report:
     """rows: one dict per sparse FFN (name, kind, d_model, d_ff, expert_size, num_experts, tau:
-    the model-wide tau, ffn_tau: this FFN's own threshold under "prunepath" (its layer budget),
-    active_fraction: token-weighted share of neurons computed since the last set_tau or compile,
+    the model-wide tau, ffn_tau: this FFN's own threshold (its layer budget), shown where a
+    "prunepath" graph runs it (the other methods read the model-wide tau), active_fraction: token-weighted share of neurons computed since the last set_tau or compile,
     None before the first call)."""
 
     rows: list
@@ -84,7 +84,8 @@ def report(compiled) -> Report:
     for s in _states(compiled):
         rows.append(dict(name=s.name, kind=s.kind, d_model=s.d_model, d_ff=s.d_ff,
                          expert_size=s.expert_size, num_experts=s.num_experts,
-                         tau=_short(s.model_tau), ffn_tau=_short(s.tau),
+                         tau=_short(s.model_tau),
+                         ffn_tau=_short(s.tau) if "prunepath" in s.methods else None,
                          active_fraction=s.active_fraction()))
     return Report(rows)
 

@@ -76,6 +76,18 @@ def test_tau_one_runs_the_dense_graph():
     assert ppcompile.report(compiled).active_fraction == 1.0
 
 
+def test_report_shows_an_ffn_tau_only_where_prunepath_reads_it():
+    """topk, static and oracle read the model-wide tau; the per-FFN threshold is prunepath's."""
+    model = tiny_model("llama")
+    run(compile_model(model, tau=0.5, method="topk", distill_epochs=0))
+    rows = ppcompile.report(model).rows
+    assert rows and all(r["ffn_tau"] is None and r["tau"] == 0.5 for r in rows)
+    assert "ffn_tau" in str(ppcompile.report(model))
+    torch._dynamo.reset()
+    run(compile_model(model, tau=0.5, distill_epochs=0))  # the same plan, under prunepath
+    assert all(isinstance(r["ffn_tau"], float) for r in ppcompile.report(model).rows)
+
+
 def test_set_tau_and_new_lengths_do_not_recalibrate(monkeypatch):
     model = tiny_model("llama")
     compiled = compile_model(model)

@@ -27,7 +27,8 @@ from tiny_models import tiny_model
     ({"method": "top-k"}, ["'method'", "'prunepath'", "'topk'", "'static'", "'oracle'", "top-k"]),
     ({"calibration": [[1, 2, 3]]}, ["'calibration'", "torch.Tensor", "list"]),
     ({"calibration": torch.zeros(4, 8, dtype=torch.long, device="meta")}, ["'calibration'", "meta"]),
-    ({"plan": "/no/such/plan.safetensors"}, ["'plan'", "no plan file", "/no/such/plan"]),
+    ({"calibration": torch.ones(4, 8, dtype=torch.bool)}, ["'calibration'", "torch.bool", "integer"]),
+    ({"plan": 3}, ["'plan'", "path", "int"]),
 ])
 def test_bad_options_are_named(options, words):
     with pytest.raises(OptionError) as err:
@@ -130,6 +131,26 @@ def test_plan_options_beside_a_plan_file_must_match_it(tmp_path):
     same = torch.compile(tiny_model("llama"), backend="prunepath",
                          options={"plan": str(path), "expert_size": 8, "distill_epochs": 0})
     same(ids)
+
+
+def test_a_missing_plan_file_is_named_and_read_only_when_a_plan_is_needed(tmp_path):
+    missing = torch.compile(tiny_model("llama"), backend="prunepath",
+                            options={"plan": str(tmp_path / "no_such_plan.safetensors")})
+    with pytest.raises(Exception, match="option 'plan': no plan file at .*no_such_plan"):
+        missing(torch.randint(0, 128, (1, 8)))
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    planned = torch.compile(model, backend="prunepath", options={
+        "tau": 0.6, "calibration": torch.randint(0, 128, (24, 32)), "distill_epochs": 0})
+    planned(torch.randint(0, 128, (1, 8)))
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(planned, path)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="prunepath", options={"plan": str(path)})
+    compiled(torch.randint(0, 128, (1, 8)))
+    path.unlink()  # the FFNs carry the plan now: a recompile for a new length needs no file
+    compiled(torch.randint(0, 128, (1, 5)))
+    assert ppcompile.report(compiled).rows
 
 
 def test_calibration_ids_outside_the_vocabulary_are_named():
