@@ -3,6 +3,16 @@ import torch
 import torch._dynamo
 
 
+def pytest_collection_finish(session):
+    """The Triton kernels' interpreter run (a subprocess) starts as soon as the session knows it
+    will run it, so that it runs beside the other tests instead of after them."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if item.name == "test_in_interpreter_subprocess":
+            item.module.start_interpreter_run()
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo(tmp_path, monkeypatch):
     """Every test starts with empty dynamo caches, an empty plan cache and a fixed seed."""

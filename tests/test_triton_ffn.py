@@ -12,9 +12,11 @@ bf16, torch.compile and CUDA-graph checks run as well. On a GPU machine run both
     python -m pytest tests/test_triton_ffn.py -q                       # compiled kernels
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_ffn.py -q    # interpreter
 """
+import atexit
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,13 +47,34 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 native_only = pytest.mark.skipif(INTERPRET, reason="needs CUDA and compiled kernels")
 
 
+_interpreter_run = None  # (process, its output file), started by start_interpreter_run
+
+
+def start_interpreter_run():
+    """Start this file's interpreter run in a subprocess. conftest starts it when the session's
+    tests are collected: it takes about as long as all the other tests together, and runs beside
+    them (one thread of its own: the interpreter is mostly Python)."""
+    global _interpreter_run
+    if not RESPAWN or _interpreter_run is not None:
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"], env=env,
+        cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT, text=True)
+    atexit.register(process.kill)  # a session stopped early (-x, Ctrl-C) leaves no orphan
+    _interpreter_run = process, out
+
+
 @pytest.mark.skipif(not RESPAWN, reason="the interpreter runs in this process")
 def test_in_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                         env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, timeout=1200)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    start_interpreter_run()  # already running, unless this module was collected some other way
+    process, out = _interpreter_run
+    returncode = process.wait(timeout=1800)
+    out.seek(0)
+    log = out.read()
+    assert returncode == 0, log[-9000:]
+    assert " passed" in log.splitlines()[-1], log[-2000:]  # pytest's summary: tests ran
 
 
 _REAL_EMPTY = triton_ffn._empty
