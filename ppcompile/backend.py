@@ -38,7 +38,8 @@ def prunepath(gm: fx.GraphModule, example_inputs, options: dict | None = None, m
     gm = run_passes(work, ctx)
     layout = gm.meta.get("ppcompile_inputs", [])
     if not layout:
-        _warn_dense(example_inputs, options)
+        if not gm.meta.get("ppcompile_tokenless"):
+            _warn_dense(example_inputs, options)
         return inner_compile(dense, list(example_inputs), opts.cudagraphs)
     if options is not None:
         _with_ffns.add(id(options))

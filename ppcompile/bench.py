@@ -84,10 +84,17 @@ def _as_timed():
             gc.enable()
 
 
+# the longest generate() Decoder runs on its own (host_profile; gpu_step_ms runs 33 tokens,
+# decode_fraction 17): its KV cache holds that many new tokens, whatever new_tokens is
+OWN_NEW_TOKENS = 65
+
+
 class Decoder:
     """Times generate() on one model with one compiled forward."""
 
     def __init__(self, model, prompt_len: int, new_tokens: int):
+        if new_tokens < 2:  # tokens/s counts the steps after the first token
+            raise ValueError(f"new_tokens must be >= 2 (decode steps are timed), got {new_tokens}")
         self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
         model.generation_config.pad_token_id = 0
         model.generation_config.eos_token_id = None  # random weights: never stop early
@@ -103,9 +110,14 @@ class Decoder:
         cache = self.caches.get(batch)
         if cache is None:
             config = self.model.config
-            cache = StaticCache(config=config, max_cache_len=self.prompt_len + self.new_tokens)
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            cache.early_initialization(batch_size=batch, num_heads=config.num_key_value_heads,
+            text = config.get_text_config()
+            heads = text.num_attention_heads
+            cache = StaticCache(config=config, max_cache_len=self.prompt_len
+                                + max(self.new_tokens, OWN_NEW_TOKENS))
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+            # configs without grouped-query attention (GPT-2, OPT, ...) have no num_key_value_heads
+            kv_heads = getattr(text, "num_key_value_heads", None) or heads
+            cache.early_initialization(batch_size=batch, num_heads=kv_heads,
                                        head_dim=head_dim, dtype=self.model.dtype,
                                        device=self.model.device)
             self.caches[batch] = cache
@@ -141,7 +153,7 @@ class Decoder:
                     step_ms=1e3 * decode_s / (self.new_tokens - 1),
                     gpu_step_ms=self.gpu_step_ms(prompt))
 
-    def host_profile(self, prompt, path, new_tokens: int = 65):
+    def host_profile(self, prompt, path, new_tokens: int = OWN_NEW_TOKENS):
         """cProfile of a warm generate() of `new_tokens` tokens (as timed: guards skipped), top
         functions by own and by cumulative time, into the text file `path`: where the host's
         share of a decode step goes (the step's wall time minus its GPU time)."""

@@ -115,12 +115,7 @@ def run_demo(args) -> int:
     if model.get_output_embeddings() is None:
         sys.exit(f"ppcompile demo: {args.model} loads as {type(model).__name__}, which has no LM "
                  f"head; the demo measures perplexity and needs a causal LM")
-    width = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
-                    "intermediate_size", None)
-    if isinstance(width, int) and width % args.expert_size:
-        sys.exit(f"ppcompile demo: --expert-size {args.expert_size} does not divide the FFN width "
-                 f"{width} of {args.model}; divisors up to 64: "
-                 f"{', '.join(str(d) for d in range(1, 65) if width % d == 0)}")
+    _check_expert_size("demo", model, args.expert_size, args.model)
     print(f"model: {args.model} ({type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
 
@@ -138,6 +133,9 @@ def run_demo(args) -> int:
             sys.exit(f"ppcompile demo: {flag} gives {len(windows)} windows of --seq-len "
                      f"{args.seq_len} tokens, fewer than --batch-size {args.batch_size}: lower "
                      "either, or give a longer text")
+    # a short text gives fewer windows than asked for: whole batches of them are what is used
+    calib = calib[:_whole_batches(len(calib), args.batch_size)]
+    evals = evals[:_whole_batches(len(evals), args.batch_size)]
     print(f"calibration: {len(calib)} x {args.seq_len} tokens of {args.calib_text}")
     print(f"evaluation:  {len(evals)} x {args.seq_len} tokens of {args.eval_text}"
           + ("" if bos is None else f" (each window starts with BOS {bos})"))
@@ -192,8 +190,9 @@ def add_bench(subparsers):
     p.add_argument("--batches", type=_positive, nargs="+", default=[1, 8], metavar="B")
     p.add_argument("--fractions", type=_tau, nargs="+", default=[1.0, 0.5, 0.25], metavar="A",
                    help="active fractions of FFN neurons to measure, in (0, 1]")
-    p.add_argument("--prompt-len", type=_positive, default=128, metavar="T")
-    p.add_argument("--new-tokens", type=_positive, default=256, metavar="N")
+    p.add_argument("--prompt-len", type=_seq_len, default=128, metavar="T")
+    p.add_argument("--new-tokens", type=_seq_len, default=256, metavar="N",
+                   help="tokens per generate(); tokens/s counts the steps after the first")
     p.add_argument("--expert-size", type=_positive, default=Options.expert_size, metavar="S",
                    help="neurons per expert; must divide the FFN width")
     p.add_argument("--calib-text", type=Path, default=CALIB_TEXT, metavar="PATH",
@@ -232,6 +231,7 @@ def run_bench(args) -> int:
                                                  bos=evaluate.bos_for(model, tokenizer)).cuda()
         except ValueError as e:  # a text too short for one window of --prompt-len
             sys.exit(f"ppcompile bench: {e}; lower --prompt-len or give a longer --calib-text")
+    _check_expert_size("bench", model, args.expert_size, args.model)
     records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
                         args.prompt_len, args.new_tokens, calibration=calibration,
                         expert_size=args.expert_size,
@@ -254,6 +254,16 @@ def _phase(name):
     t = time.perf_counter()
     yield
     print(f"[{time.perf_counter() - t:6.1f} s] {name}", flush=True)
+
+
+def _check_expert_size(command, model, expert_size, name):
+    """Refuse an expert size that does not divide the model's FFN width before any long work."""
+    config = model.config
+    width = getattr(config.get_text_config(), "intermediate_size", None)
+    if isinstance(width, int) and width % expert_size:
+        sys.exit(f"ppcompile {command}: --expert-size {expert_size} does not divide the FFN width "
+                 f"{width} of {name}; divisors up to 64: "
+                 f"{', '.join(str(d) for d in range(1, 65) if width % d == 0)}")
 
 
 def _whole_batches(windows: int, batch_size: int) -> int:

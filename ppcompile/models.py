@@ -85,7 +85,9 @@ def fetch(name: str, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
 
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, root=DEFAULT_ROOT):
     """(model.eval(), tokenizer) for a known model name (fetched if needed) or a local Hugging Face
-    folder. Causal LMs load with their LM head; encoders (e.g. BERT) as the bare model."""
+    folder, as the class its config's `architectures` names (a BertForMaskedLM folder with its
+    head), else as a causal LM where the model type has one, else as the bare model (the
+    encoders fetched here, e.g. minilm-l6, name no architecture)."""
     from transformers import AutoTokenizer
 
     if str(name_or_path) in MODELS:

@@ -63,7 +63,9 @@ class Options:
         token (MoEfication), "static" the same round(tau * E) experts for every token (static
         expert pruning), "oracle" applies the tau rule to each expert's true share of the FFN
         output (computes the dense FFN: slow by design; bounds what a router can reach). For
-        "topk" and "static", tau is the fraction of experts kept. All methods share one plan.
+        "topk" and "static", tau is the fraction of experts kept (tau is held as float32: where
+        tau * E is a half, that float rounds, e.g. 0.35 of 10 experts keeps 3). All methods
+        share one plan.
     plan: path or None. A plan file (see ppcompile.save_plan) to use instead of calibrating; it
         must have been made for these weights, or it is refused. It is read when an FFN needs
         a plan (the first call): a recompile of FFNs that carry it does not read it again.

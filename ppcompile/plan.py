@@ -186,8 +186,9 @@ def load(path) -> tuple[dict, dict]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PPCOMPILE_CACHE_DIR",
-                               Path.home() / ".cache" / "ppcompile" / "plans"))
+    # an empty value is unset; "~" is the user's home, as in a shell
+    return Path(os.environ.get("PPCOMPILE_CACHE_DIR")
+                or Path.home() / ".cache" / "ppcompile" / "plans").expanduser()
 
 
 def _key(plan_key: tuple) -> str:

@@ -651,3 +651,19 @@ def test_a_recompile_of_an_earlier_handle_keeps_set_tau():
     ppcompile.set_tau(model, 0.3)
     run(first, IDS[:, :9])  # a new length: dynamo recompiles the first handle's frame
     assert {r["tau"] for r in ppcompile.report(model).rows} == {0.3}
+
+
+def test_a_graph_traced_on_zero_tokens_compiles_and_the_next_length_goes_sparse():
+    ffn = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    compiled = torch.compile(ffn.eval(), backend="prunepath", options=dict(
+        tau=0.5, calibration=torch.randn(16, 4, 32), distill_epochs=0, calibration_tokens=64))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for shape in [(2, 0, 32), (0, 4, 32)]:
+            assert compiled(torch.randn(shape)).shape == shape
+    assert not [w for w in seen if "no FFN matched" in str(w.message)]  # it has FFNs
+    with torch.no_grad():
+        x = torch.randn(2, 4, 32)
+        y = compiled(x)
+    assert y.shape == x.shape and rel_err(y, ffn(x)) > 1e-3  # sparse at tau 0.5
+    assert 0 < ppcompile.report(compiled).active_fraction < 1

@@ -285,3 +285,37 @@ def test_bench_decode_fraction_counts_decode_steps_only(tmp_path, monkeypatch):
     assert [s.stats[1].item() for s in states] == [2 * 12 + 2 * 3] * 2
     assert fraction == pytest.approx(round(0.5 * 8) / 8)
     model.forward = forward
+
+
+def test_bench_decoder_caches_models_without_grouped_query_attention():
+    """GPT-2 has no num_key_value_heads; the cache also holds the benchmark's own longer runs
+    (gpu_step_ms's 1 + 32 tokens) whatever --new-tokens is."""
+    from ppcompile import bench
+    decoder = bench.Decoder(tiny_model("gpt2"), prompt_len=4, new_tokens=8)
+    prompt = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    assert decoder.generate(prompt, 8).shape == (1, 12)
+    assert decoder.generate(prompt, 1 + 32).shape == (1, 37)
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        bench.Decoder(tiny_model("gpt2"), prompt_len=4, new_tokens=1)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--model", "llama3-1b", "--new-tokens", "1"], ["--new-tokens", ">= 2", "'1'"]),
+    (["bench", "--model", "llama3-1b", "--prompt-len", "1"], ["--prompt-len", ">= 2", "'1'"]),
+    (["demo", "--taus", "0.9", "1.5"], ["--taus", "(0, 1]", "'1.5'"]),
+])
+def test_cli_refuses_bad_numbers_naming_the_flag(argv, words, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_plan_cache_dir_expands_home_and_ignores_an_empty_value(monkeypatch):
+    from ppcompile import plan
+    monkeypatch.setenv("PPCOMPILE_CACHE_DIR", "~/pp_plans")
+    assert plan.cache_dir() == Path.home() / "pp_plans"
+    monkeypatch.setenv("PPCOMPILE_CACHE_DIR", "")
+    assert plan.cache_dir() == Path.home() / ".cache" / "ppcompile" / "plans"

@@ -79,3 +79,37 @@ def test_op_backward_matches_dense_at_tau_one():
     want = [x.grad] + [w[k].grad for k in ("w_up", "w_gate", "w_down", "b_up")]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["prunepath", "topk", "oracle"])
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_op_takes_zero_tokens(shape, method):
+    w = _ffn()
+    x = torch.randn(*shape, requires_grad=True)
+    y, counts = torch.ops.ppcompile.sparse_ffn(x, *w.values(), torch.tensor(0.5), "silu", 8, method)
+    assert y.shape == x.shape and counts.tolist() == [0.0, 0.0]
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(activation="swish"), ["'swish'", "allowed", "silu", "gelu_tanh"]),
+    (dict(method="top-k"), ["'top-k'", "allowed", "prunepath"]),
+    (dict(expert_size=0), ["expert_size=0", ">= 1", "d_ff=32"]),
+    (dict(expert_size=5), ["expert_size=5", "divide d_ff=32"]),
+    (dict(expert_size=16), ["router_w has 4 rows", "2 experts"]),  # the router is for size 8
+])
+def test_op_refuses_arguments_that_describe_no_sparse_ffn(change, words):
+    args = {**dict(activation="silu", expert_size=8, method="prunepath"), **change}
+    x = torch.randn(3, 16)
+    with pytest.raises(Exception) as err:
+        torch.ops.ppcompile.sparse_ffn(x, *_ffn().values(), torch.tensor(0.5), args["activation"],
+                                       args["expert_size"], args["method"])
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+    with pytest.raises(Exception) as err:  # and at trace time, from the op's fake
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) if t is not None else None for t in _ffn().values()]
+            torch.ops.ppcompile.sparse_ffn(mode.from_tensor(x), *fake, mode.from_tensor(
+                torch.tensor(0.5)), args["activation"], args["expert_size"], args["method"])
+    assert words[0] in str(err.value)

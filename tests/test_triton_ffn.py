@@ -514,6 +514,19 @@ def test_oracle_and_unknown_methods():
         triton_ffn.sparse_ffn_triton(**args, method="nope")
 
 
+def test_zero_tokens_and_arguments_that_describe_no_sparse_ffn():
+    ffn = make_ffn(3, 32, 64, 8, gated=True, biases=True, seed=14)
+    args = dict(**ffn, tau=tau_tensor(0.6), activation="silu", expert_size=8)
+    for shape in [(0, 32), (2, 0, 32)]:
+        y, counts = triton_ffn.sparse_ffn_triton(**{**args, "x": ffn["x"].new_zeros(shape)})
+        assert y.shape == shape and counts.tolist() == [0.0, 0.0]
+    for change, words in [(dict(activation="swish"), "unknown activation 'swish'; allowed"),
+                          (dict(expert_size=5), "expert_size=5 must be >= 1 and divide d_ff=64"),
+                          (dict(expert_size=16), "router_w has 8 rows.*makes 4 experts")]:
+        with pytest.raises(ValueError, match=words):
+            triton_ffn.sparse_ffn_triton(**{**args, **change})
+
+
 def test_tau_changes_selection():
     ffn = make_ffn(3, 64, 128, 16, gated=True, biases=True, seed=4)
     kept = [run_and_check(ffn, tau, "silu", 16)[2].sum().item() for tau in (0.2, 0.95)]

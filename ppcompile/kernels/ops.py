@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import ffn_hidden, keep_mask, kept_down, sparse_ffn_reference
+from .reference import check_arguments, ffn_hidden, keep_mask, kept_down, sparse_ffn_reference
 
 
 @torch.library.custom_op("ppcompile::sparse_ffn", mutates_args=())
@@ -27,6 +27,7 @@ def sparse_ffn(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_gate: Optional
 @sparse_ffn.register_fake
 def _(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, activation,
       expert_size, method):
+    check_arguments(w_up, router_w, activation, expert_size, method)  # at trace time
     return x.new_empty(*x.shape[:-1], w_down.shape[0]), x.new_empty(2, dtype=torch.float64)
 
 

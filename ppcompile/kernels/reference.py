@@ -59,7 +59,9 @@ def select_top_fraction(logits: torch.Tensor, fraction) -> torch.Tensor:
     """Bool mask [N, E] keeping each row's round(fraction * E) highest logits (at least one;
     ties lowest index first). The count is computed on the tensor's device (fp64, half to even
     as Python's round): a 0-d tau tensor is never read on the host, so the op traces and
-    captures in CUDA graphs."""
+    captures in CUDA graphs. Compiled models hold tau as float32, whose value is what is
+    rounded: where tau * E is a half, the float32 nearest tau decides (0.35 is 0.34999999, so
+    0.35 of 10 experts keeps 3)."""
     experts = logits.shape[-1]
     fraction = torch.as_tensor(fraction, dtype=torch.float64, device=logits.device)
     k = (fraction * experts).round().clamp(1, experts)
@@ -88,6 +90,22 @@ def expert_importance(h: torch.Tensor, w_down: torch.Tensor, size: int) -> torch
 METHODS = ("prunepath", "topk", "static", "oracle")
 
 
+def check_arguments(w_up, router_w, activation, expert_size, method):
+    """Refuse op arguments that cannot describe a sparse FFN, naming the value and what is
+    allowed (shapes and names only: nothing is read from the tensors)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    d_ff, experts = int(w_up.shape[0]), int(router_w.shape[0])
+    if expert_size < 1 or d_ff % expert_size:
+        raise ValueError(f"expert_size={expert_size} must be >= 1 and divide d_ff={d_ff} "
+                         "(the rows of w_up)")
+    if experts * expert_size != d_ff:
+        raise ValueError(f"router_w has {experts} rows (experts), but d_ff={d_ff} / "
+                         f"expert_size={expert_size} makes {d_ff // expert_size} experts")
+
+
 def keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size):
     if method == "oracle":
         share = expert_importance(h, w_down, expert_size)
@@ -105,12 +123,13 @@ def kept_down(h, keep, expert_size, w_down, b_down):
     [n, E] (bool, or float: a straight-through mask passes its gradient)."""
     h2d = h.reshape(-1, h.shape[-1])
     kept = h2d * keep.repeat_interleave(expert_size, dim=1).to(h2d.dtype)
-    return F.linear(kept, w_down, b_down).reshape(*h.shape[:-1], -1)
+    return F.linear(kept, w_down, b_down).reshape(*h.shape[:-1], w_down.shape[0])
 
 
 def sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
                          tau, activation: str, expert_size: int, method: str = "prunepath"):
     """Returns (y [..., d], counts float64 [2] = (active neurons summed over tokens, tokens))."""
+    check_arguments(w_up, router_w, activation, expert_size, method)
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, activation)

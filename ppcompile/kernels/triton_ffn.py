@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .reference import METHODS, sparse_ffn_reference
+from .reference import check_arguments, sparse_ffn_reference
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
 TOPK_METHODS = ("topk", "static")  # both keep the round(tau * E) highest logits
@@ -962,13 +962,8 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     # the token count stays symbolic until the kernels need it: past DENSE_ABOVE (the only
     # guard), one dynamic prefill graph serves every prompt length
     n_tokens, d_ff, d_out = x2d.shape[0], int(w_up.shape[0]), int(w_down.shape[0])
+    check_arguments(w_up, router_w, activation, expert_size, method)
     n_exp = d_ff // expert_size
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
-    if n_exp * expert_size != d_ff:
-        raise ValueError(f"expert_size={expert_size} does not divide d_ff={d_ff}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     too_big = n_tokens * max(d, d_ff, d_out) >= MAX_OFFSET or d_ff * max(d, d_out) >= MAX_OFFSET
     many = n_tokens > DENSE_ABOVE and config is None
     if stats is None:

@@ -15,7 +15,9 @@ and no two of them share weights: a module applied twice (the same up, gate and 
 listed at its first use, and each later use in gm.meta["ppcompile_twins"] as (match, first
 match), to be planned once and rewritten at every use. FFNs that share only some of the tensors a
 plan reorders (a tied gate or down projection), or whose weights the graph also reads elsewhere,
-are left out, with a warning: reordering one would corrupt the other.
+are left out, with a warning: reordering one would corrupt the other. FFNs whose input has no
+rows in the traced example (a call with an empty batch) are left out too, silently
+(gm.meta["ppcompile_tokenless"]): an empty output is the same either way.
 """
 from __future__ import annotations
 
@@ -59,9 +61,18 @@ def find_ffns(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             f"ppcompile: FFNs {', '.join(sorted(m.name for m in shared))} share some of their "
             "weights with another FFN or read them elsewhere in the graph; their neurons cannot be "
             "reordered for one without corrupting the other, so they stay dense", stacklevel=2)
-    gm.meta["ppcompile_ffns"] = [m for m in ffns if m not in shared]
-    gm.meta["ppcompile_twins"] = [(t, m) for t, m in twins if m not in shared]
+    # a graph traced on no tokens (an empty batch) has nothing to select or calibrate on: its
+    # FFNs run dense there, and are planned at the first call that has tokens
+    empty = {m for m in ffns if _no_tokens(m)}
+    gm.meta["ppcompile_tokenless"] = bool(empty)
+    gm.meta["ppcompile_ffns"] = [m for m in ffns if m not in shared | empty]
+    gm.meta["ppcompile_twins"] = [(t, m) for t, m in twins if m not in shared | empty]
     return gm
+
+
+def _no_tokens(match) -> bool:
+    example = match.x.meta.get("example_value", match.x.meta.get("val"))
+    return isinstance(example, torch.Tensor) and concrete(example.numel()) == 0
 
 
 def _partly_shared(ffns, twins, values) -> set:
@@ -169,7 +180,8 @@ def _identify(region, frontier, down, d_ff, values):
         example = p.node.meta.get("example_value", p.node.meta.get("val"))
         if not isinstance(example, torch.Tensor):
             return None
-        shape = concrete(tuple(example.shape))
+        # at least one of each dimension: a graph traced on 0 tokens is probed on 1
+        shape = tuple(max(1, n) for n in concrete(tuple(example.shape)))
         probes.append(torch.rand(shape, generator=gen, dtype=torch.float64) * 12 - 6)
     try:
         env = run_nodes(region, {p.node: t for p, t in zip(frontier, probes)}, values)
