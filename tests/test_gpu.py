@@ -142,10 +142,11 @@ def test_bf16_and_cuda_graphs_follow_tau_without_recompiling():
     assert fractions[0] > fractions[1] > fractions[2] > 0
 
 
-def test_generate_static_cache_same_tokens_as_dense():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2: no grouped-query attention
+def test_generate_static_cache_same_tokens_as_dense(family):
     from ppcompile.bench import Decoder
 
-    model = gpu_model(dtype=torch.bfloat16)
+    model = gpu_model(family, dtype=torch.bfloat16)
     decoder = Decoder(model, prompt_len=8, new_tokens=16)
     prompt = IDS.cuda()
     dense = decoder.generate(prompt, 16)
