@@ -5,6 +5,8 @@ calls the model with one fixed batch shape so that a compiled model never recomp
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,9 @@ def perplexity(model, windows: torch.Tensor, batch_size: int) -> float:
     exactly `batch_size` windows; the last partial batch is dropped so that the input shape never
     changes (a compiled model would recompile for it)."""
     batches = _batches(windows, batch_size, "perplexity")
+    if windows.shape[1] < 2:
+        raise ValueError(f"perplexity: windows of {windows.shape[1]} token(s) predict nothing "
+                         "(each token is predicted from the ones before it); need length >= 2")
     nll, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
@@ -83,12 +88,14 @@ def _batches(windows, batch_size, who) -> list:
 
 
 def _main_output(output, name):
-    """`output.<name>` of a Hugging Face output, or the first element of a tuple output."""
+    """`output.<name>` of a Hugging Face output (or a dict's entry), or the first element of a
+    tuple output."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
         return output[0]
-    value = getattr(output, name, None)
+    # Hugging Face outputs are mappings too; a plain dict has no attributes
+    value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
     if value is None:
         raise ValueError(f"the model's output ({type(output).__name__}) has no '{name}'"
                          + ("; perplexity needs a causal LM (for encoders use embedding_cosine)"

@@ -667,3 +667,31 @@ def test_a_graph_traced_on_zero_tokens_compiles_and_the_next_length_goes_sparse(
         y = compiled(x)
     assert y.shape == x.shape and rel_err(y, ffn(x)) > 1e-3  # sparse at tau 0.5
     assert 0 < ppcompile.report(compiled).active_fraction < 1
+
+
+def test_a_compile_that_fails_while_planning_leaves_no_half_made_plan(monkeypatch):
+    """choose_temperature rewrites routers and thresholds in place while it tries temperatures;
+    an error or Ctrl-C there must not leave those states for the next call to adopt."""
+    import ppcompile.passes as passes
+    model = tiny_model("llama")
+    eager = run(model)
+    real = list(passes.PASSES)
+
+    def interrupted(gm, ctx):
+        for ffn in gm.meta["ppcompile_ffns"]:  # as if stopped while trying a temperature
+            ffn.state.tau.fill_(0.83)
+            ffn.state.router_w.mul_(4.0 / 3.0)
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(passes, "PASSES", [interrupted if p is passes.choose_temperature else p
+                                           for p in real])
+    compiled = compile_model(model, tau=0.6, distill_epochs=0)
+    with pytest.raises(Exception, match="interrupted"):
+        run(compiled)
+    assert REGISTRY.states_of(list(model.parameters())) == []
+    assert rel_err(run(model), eager) < 1e-5  # permuted weights: the same dense function
+    monkeypatch.setattr(passes, "PASSES", real)
+    run(compiled)  # plans again
+    states = REGISTRY.states_of(list(model.parameters()))
+    assert len(states) == 2 and all(float(s.model_tau) == pytest.approx(0.6) for s in states)
+    assert all(float(s.tau) != pytest.approx(0.83) for s in states)

@@ -319,3 +319,14 @@ def test_plan_cache_dir_expands_home_and_ignores_an_empty_value(monkeypatch):
     assert plan.cache_dir() == Path.home() / "pp_plans"
     monkeypatch.setenv("PPCOMPILE_CACHE_DIR", "")
     assert plan.cache_dir() == Path.home() / ".cache" / "ppcompile" / "plans"
+
+
+def test_perplexity_reads_a_dict_output_and_refuses_one_token_windows():
+    class DictLM(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):
+            return {"logits": torch.zeros(*input_ids.shape, 10)}
+
+    windows = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(0))
+    assert evaluate.perplexity(DictLM(), windows, 2) == pytest.approx(10.0)  # uniform over 10
+    with pytest.raises(ValueError, match="windows of 1 token.*length >= 2"):
+        evaluate.perplexity(DictLM(), windows[:, :1], 2)

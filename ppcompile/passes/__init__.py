@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..ffn import REGISTRY
 from ..options import Options
 from .attach_plans import attach_plans
 from .build_experts import build_experts
@@ -42,12 +43,22 @@ log = logging.getLogger("ppcompile")
 
 
 def run_passes(gm: fx.GraphModule, ctx: Context, passes=None) -> fx.GraphModule:
-    """Run the passes in order; each one's wall time goes to the "ppcompile" logger (INFO)."""
-    with flush_denormals():
-        for graph_pass in PASSES if passes is None else passes:
-            start = time.perf_counter()
-            gm = graph_pass(gm, ctx)
-            log.info("pass %s: %.2f s", graph_pass.__name__, time.perf_counter() - start)
+    """Run the passes in order; each one's wall time goes to the "ppcompile" logger (INFO).
+    A run that fails or is interrupted (Ctrl-C during calibration) leaves no plan behind: the
+    FFNs it planned are dropped from the registry, whose states may hold half-tuned routers and
+    thresholds, so the next call plans them again (their weights stay permuted: the same
+    function)."""
+    try:
+        with flush_denormals():
+            for graph_pass in PASSES if passes is None else passes:
+                start = time.perf_counter()
+                gm = graph_pass(gm, ctx)
+                log.info("pass %s: %.2f s", graph_pass.__name__, time.perf_counter() - start)
+    except BaseException:
+        for ffn in gm.meta.get("ppcompile_ffns", []):
+            if ffn.planned_now:
+                REGISTRY.drop(*ffn.key_params(ctx.values))
+        raise
     return gm
 
 
