@@ -17,9 +17,6 @@ PLAN_FIELDS = ("expert_size", "calibration_tokens", "distill_epochs", "seed")
 PLAN_FIELD_DEFAULTS = {"distill_epochs": 0}
 
 
-_COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
-
-
 class OptionError(ValueError):
     """An option has the wrong name, type or value; the message says which and what is allowed."""
 
@@ -99,7 +96,8 @@ class Options:
             )
         if self.calibration is not None and self.calibration.device.type == "meta":
             raise OptionError("option 'calibration' is on the meta device: it holds no data")
-        if self.calibration is not None and self.calibration.dtype in (torch.bool, *_COMPLEX):
+        if self.calibration is not None and (self.calibration.dtype == torch.bool
+                                             or self.calibration.dtype.is_complex):
             raise OptionError(
                 f"option 'calibration' has dtype {self.calibration.dtype}: token ids need an "
                 "integer dtype, hidden states a floating one")

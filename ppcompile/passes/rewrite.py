@@ -39,7 +39,6 @@ def rewrite(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             ffn.state = first.state
         if ffn.state is None:
             continue
-        ffn.state.methods.add(ctx.options.method)
         if id(first or ffn) not in extras:  # a twin uses its first match's inputs
             extra = extras[id(ffn)] = {}
             for name, value in zip(EXTRA_INPUTS, extra_inputs(ffn.state, ctx.options.method)):
