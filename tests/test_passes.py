@@ -85,6 +85,35 @@ def test_unknown_activation_is_not_matched():
     assert gm.meta["ppcompile_ffns"] == []
 
 
+@pytest.mark.parametrize("activation", ["relu6", "gelu_10"])
+def test_clipped_activation_is_not_taken_for_the_unclipped_one(activation):
+    # relu6 equals relu, and a GELU clipped at 10 equals GELU, on moderate values: matched as
+    # those, the rewrite would drop the clip and compute another function
+    model = tiny_model("gpt2", activation_function=activation)
+    gm, example = capture(model, IDS)
+    gm = find_ffns(gm, Context(example, graph_tensors(gm, example), Options()))
+    assert gm.meta["ppcompile_ffns"] == []
+
+
+@pytest.mark.parametrize("limit", [None, 7.0])
+def test_swiglu_with_clamped_gate_and_up_is_not_matched(limit):
+    class Clamped(torch.nn.Module):  # gpt-oss clamps its SwiGLU's gate and up at 7
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+            self.down = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            g, u = self.gate(x), self.up(x)
+            if limit is not None:
+                g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+            return self.down(torch.nn.functional.silu(g) * u)
+
+    gm, example = capture(Clamped(), torch.randn(2, 8))
+    gm = find_ffns(gm, Context(example, graph_tensors(gm, example), Options()))
+    assert [f.kind for f in gm.meta["ppcompile_ffns"]] == ([] if limit else ["swiglu"])
+
+
 def test_ffn_whose_hidden_value_escapes_is_not_matched():
     class Leaky(torch.nn.Module):
         def __init__(self):

@@ -172,17 +172,39 @@ def _region_between(down: Projection, projections):
 
 
 def _identify(region, frontier, down, d_ff, values):
-    """Run the region on random probes; return (activation, shape) of the first FFN form it
-    equals, or None. Probes are float64 so that GELU and its tanh approximation differ."""
+    """Run the region on random probes; return (activation, shape) of the FFN form it equals, or
+    None. Probes are float64 so that GELU and its tanh approximation differ; the form found must
+    also hold on probes of magnitudes up to LARGE_PROBE, so that a clipped activation (relu6, a
+    GELU clipped at 10, a SwiGLU whose gate is clamped at 7) is not taken for the unclipped one
+    it equals on small values."""
     gen = torch.Generator().manual_seed(0)
-    probes = []
+    shapes = []
     for p in frontier:
         example = p.node.meta.get("example_value", p.node.meta.get("val"))
         if not isinstance(example, torch.Tensor):
             return None
         # at least one of each dimension: a graph traced on 0 tokens is probed on 1
-        shape = tuple(max(1, n) for n in concrete(tuple(example.shape)))
-        probes.append(torch.rand(shape, generator=gen, dtype=torch.float64) * 12 - 6)
+        shapes.append(tuple(max(1, n) for n in concrete(tuple(example.shape))))
+    moderate = [torch.rand(s, generator=gen, dtype=torch.float64) * 12 - 6 for s in shapes]
+    large = [_large_probe(s, gen) for s in shapes]
+    form = _identify_on(moderate, region, frontier, down, d_ff, values)
+    if form is None or _identify_on(large, region, frontier, down, d_ff, values, form) is None:
+        return None
+    return form
+
+
+LARGE_PROBE = 200.0  # gated products stay below float16's 65504 (a region that casts to it)
+
+
+def _large_probe(shape, gen):
+    """Values of both signs whose magnitudes spread log-uniformly over [0.1, LARGE_PROBE]."""
+    magnitude = 0.1 * (LARGE_PROBE / 0.1) ** torch.rand(shape, generator=gen, dtype=torch.float64)
+    sign = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1
+    return magnitude * sign
+
+
+def _identify_on(probes, region, frontier, down, d_ff, values, only=None):
+    """The form (activation, shape) the region equals on these probes (among `only`, if given)."""
     try:
         env = run_nodes(region, {p.node: t for p, t in zip(frontier, probes)}, values)
         out = env[down.x]
@@ -203,10 +225,13 @@ def _identify(region, frontier, down, d_ff, values):
             candidates += [(name, "gate_first", act(lo) * hi), (name, "up_first", act(hi) * lo)]
         else:
             candidates.append((name, "plain", act(flat[0])))
+    candidates = [c for c in candidates if only is None or c[:2] == only]
     scale = out.abs().max().clamp_min(1e-12)
-    errors = [((out - ref).abs().max() / scale).item() for _, _, ref in candidates]
+    # a non-finite output (overflow in a low-precision cast) matches nothing
+    errors = [((out - ref).abs().max() / scale).nan_to_num(float("inf")).item()
+              for _, _, ref in candidates]
     best = min(range(len(candidates)), key=errors.__getitem__)
-    if errors[best] > _tolerance(region, values):
+    if not errors[best] <= _tolerance(region, values):
         return None
     name, shape, _ = candidates[best]
     return name, shape
