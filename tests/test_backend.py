@@ -378,6 +378,34 @@ def test_single_layers_compile_with_hidden_state_calibration():
     assert not torch.equal(states[0].router_w, states[1].router_w)
 
 
+@pytest.mark.parametrize("distill_epochs", [0, 1])
+def test_non_finite_calibration_tokens_are_left_out_with_a_warning(distill_epochs, capsys):
+    # one NaN token (an overflow in a float16 model) made the ridge fit, the k-means and the
+    # distillation NaN: a router of NaNs keeps no expert at any tau < 1
+    mlp = tiny_model("llama").model.layers[0].mlp
+    calib = torch.randn(16, 16, 32)
+    calib[3, 5] = float("nan")
+    compiled = torch.compile(mlp, backend="prunepath", options={
+        "tau": 0.7, "calibration": calib, "expert_size": 8, "distill_epochs": distill_epochs})
+    hidden = torch.randn(2, 16, 32)
+    with pytest.warns(UserWarning, match=r"1 of \d+ sampled calibration tokens .* non-finite"):
+        with torch.no_grad():
+            out = compiled(hidden)
+    (state,) = REGISTRY.states_of(list(mlp.parameters()))
+    assert state.router_w.isfinite().all() and state.router_b.isfinite().all()
+    assert 0.3 < ppcompile.report(compiled).active_fraction < 1 and out.isfinite().all()
+    if distill_epochs:
+        assert "1 batches with non-finite outputs skipped" in capsys.readouterr().err
+
+
+def test_calibration_with_no_finite_token_is_refused_by_name():
+    mlp = tiny_model("llama").model.layers[0].mlp
+    compiled = torch.compile(mlp, backend="prunepath", options={
+        "calibration": torch.full((4, 16, 32), float("inf")), "expert_size": 8})
+    with pytest.raises(Exception, match="option 'calibration': every sampled token"):
+        compiled(torch.randn(2, 16, 32))
+
+
 def test_a_planned_model_cast_to_another_dtype_carries_its_plan_along():
     """.to(dtype) (or .cuda()) keeps the parameter objects, so the plan is found at the next
     compile; its router and per-call tensors follow the weights."""

@@ -7,7 +7,8 @@ Guarantees: the graph is unchanged, and so is every input it mutates (a static K
 counters are restored after each batch); each such FFN gets `sample = {"x": [n, d], "h": [n, d_ff],
 "weight": [n]}` (its inputs and intermediate activations, float32, on the weights' device) for n
 tokens drawn uniformly at random over all calibration tokens, n <= options.calibration_tokens, so
-memory stays bounded however much text is given. "weight" is, per token, the share of the FFN's
+memory stays bounded however much text is given; tokens whose x or h is not finite (NaN, or inf
+from a float16 overflow) are left out with a warning, and an FFN left with none is refused. "weight" is, per token, the share of the FFN's
 contribution in the residual stream it is added to, ||c||^2 / ||r + c||^2 (c: the FFN output, or
 what a norm after it makes of it; found as the first add after the FFN that adds it to a tensor
 not computed from it), or 1 where no such add exists: how much an error in this FFN's output
@@ -251,6 +252,7 @@ class _Sampler:
         self.ffns, self.num_batches, self.options = ffns, num_batches, options
         self.batch, self.picks = 0, {}  # rows per batch -> the positions picked in each batch
         self.parts = {ffn: {"x": [], "h": [], "weight": []} for ffn in ffns}
+        self.non_finite = dict.fromkeys(ffns, 0)  # sampled rows left out, per FFN
 
     @property
     def total_rows(self):
@@ -270,21 +272,40 @@ class _Sampler:
     def add(self, ffn, x, h, contribution=None, total=None):
         x, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, ffn.d_ff)
         rows = self._picks(x.shape[0])[self.batch].to(x.device)
-        self.parts[ffn]["x"].append(x.index_select(0, rows).float())
-        self.parts[ffn]["h"].append(h.index_select(0, rows).float())
+        xs, hs = x.index_select(0, rows).float(), h.index_select(0, rows).float()
         weight = torch.ones(len(rows), device=x.device)
         if contribution is not None and contribution.shape == total.shape and \
                 contribution.numel() == total.numel() and total.numel() % x.shape[0] == 0:
             c = contribution.reshape(x.shape[0], -1).index_select(0, rows).float()
             t = total.reshape(x.shape[0], -1).index_select(0, rows).float()
             weight = (c.square().sum(1) / t.square().sum(1).clamp_min(1e-30)).clamp(0, 1)
+        # a token whose input or activation overflowed (float16) or is NaN would turn the
+        # clustering and every router fit into NaN: left out, and counted for the warning
+        finite = xs.isfinite().all(1) & hs.isfinite().all(1) & weight.isfinite()
+        if not bool(finite.all()):
+            self.non_finite[ffn] += int((~finite).sum())
+            xs, hs, weight = xs[finite], hs[finite], weight[finite]
+        self.parts[ffn]["x"].append(xs)
+        self.parts[ffn]["h"].append(hs)
         self.parts[ffn]["weight"].append(weight)
 
     def next_batch(self):
         self.batch += 1
 
     def result(self, ffn):
-        return {k: torch.cat(v) for k, v in self.parts.pop(ffn).items()}
+        sample = {k: torch.cat(v) for k, v in self.parts.pop(ffn).items()}
+        dropped = self.non_finite.pop(ffn)
+        if dropped and not len(sample["x"]):
+            raise OptionError(
+                f"option 'calibration': every sampled token gave FFN '{ffn.name}' a non-finite "
+                "input or activation (NaN or inf: a float16 model overflowing?); calibrate in "
+                "bfloat16 or float32, or pass other calibration data")
+        if dropped:
+            warnings.warn(
+                f"ppcompile: {dropped} of {dropped + len(sample['x'])} sampled calibration tokens "
+                f"gave FFN '{ffn.name}' a non-finite input or activation (NaN or inf: a float16 "
+                "model overflowing?); they are left out of its plan", stacklevel=3)
+        return sample
 
 
 def _observed_copy(gm: fx.GraphModule, ffns, sampler) -> fx.GraphModule:

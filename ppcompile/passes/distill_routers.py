@@ -29,7 +29,7 @@ together on what the model outputs:
   calibration batches but the first (the check batch, held out, so that the checks after
   training see tokens it did not fit), one update per >= TOKENS_PER_UPDATE
   tokens, against the dense outputs calibrate kept (recomputed per batch where they did not fit
-  its memory budget);
+  its memory budget); batches whose dense outputs are not finite are skipped;
 - then the layer budget's tables are refitted on the trained routers (the budget check's verdict
   stands), and the trained routers are kept only if the same loss on the budget check's batch, at
   its lower active fraction, is below that of the fitted routers (not the check's relative L2
@@ -124,7 +124,7 @@ def _distill(gm, ctx, planned):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            losses, grad_buffer = [], None
+            losses, grad_buffer, overflowed = [], None, set()
             for _ in range(opts.distill_epochs):
                 order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
                 for first in range(0, len(order), per_update):
@@ -139,6 +139,11 @@ def _distill(gm, ctx, planned):
                         if dense is None:  # not kept by calibrate: made as it makes them
                             with torch.no_grad(), precision:
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
+                        if index in overflowed or not all(t.isfinite().all() for t in dense):
+                            # NaN / inf targets (a float16 model overflowing) would make every
+                            # router NaN in one step
+                            overflowed.add(index)
+                            continue
                         with precision:
                             got = floating_leaves(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
@@ -159,7 +164,7 @@ def _distill(gm, ctx, planned):
                              dense_kept[0], logits_width)
     for ffn, _ in planned:
         ffn.state.set_tau(opts.tau)
-    kept = loss_after < loss_before
+    kept = loss_after < loss_before and all(bool(s.router_w.isfinite().all()) for s in states)
     if kept:
         verdict["curves"] = curves
     else:
@@ -169,9 +174,10 @@ def _distill(gm, ctx, planned):
                 state.router_b.copy_(b)
                 state.tau_table = table
                 state.set_tau(opts.tau)
+    skipped = f" ({len(overflowed)} batches with non-finite outputs skipped)" if overflowed else ""
     print(f"ppcompile: router distillation {'kept' if kept else 'dropped'}: {len(losses)} "
-          f"updates in {seconds:.1f} s, loss {losses[0]:.4g} -> {losses[-1]:.4g}; on the check "
-          f"batch {loss_before:.4g} fitted, {loss_after:.4g} distilled", file=sys.stderr)
+          f"updates in {seconds:.1f} s{skipped}, loss {losses[0]:.4g} -> {losses[-1]:.4g}; on the "
+          f"check batch {loss_before:.4g} fitted, {loss_after:.4g} distilled", file=sys.stderr)
     gm.meta["ppcompile_distill"] = dict(kept=kept, loss_fitted=loss_before,
                                         loss_distilled=loss_after, seconds=seconds,
                                         losses=losses)
