@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -181,3 +182,47 @@ def run_nodes(nodes, env: dict, values) -> dict:
         else:
             raise ValueError(f"cannot evaluate {node.op} node {node.name}")
     return env
+
+
+# dropout functions dynamo records, with the position and name of their training flag
+_DROPOUT_FLAGS = {
+    **{f: (2, "training") for f in (torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+                                    torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+                                    torch.nn.functional.alpha_dropout,
+                                    torch.nn.functional.feature_alpha_dropout)},
+    **{f: (2, "train") for f in (torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+                                 torch.feature_alpha_dropout)},
+}
+
+
+@contextmanager
+def dropout_off(gm: fx.GraphModule):
+    """Inside, gm runs with every dropout (attention's too) off, as the model would in eval(): a
+    model compiled in train() mode is planned on what it computes for inference, not on dropout
+    noise (which would also make its plan depend on the global RNG). Restored on exit."""
+    saved = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUT_FLAGS:
+            position, name, off = *_DROPOUT_FLAGS[node.target], False
+        elif node.target is torch.nn.functional.scaled_dot_product_attention:
+            position, name, off = 4, "dropout_p", 0.0
+        else:
+            continue
+        saved.append((node, node.args, node.kwargs))
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if len(args) > position:
+            args[position] = off
+        else:
+            kwargs[name] = off
+        node.args, node.kwargs = tuple(args), kwargs
+    if saved:
+        gm.recompile()
+    try:
+        yield gm
+    finally:
+        for node, args, kwargs in saved:
+            node.args, node.kwargs = args, kwargs
+        if saved:
+            gm.recompile()

@@ -509,6 +509,27 @@ def test_same_seed_same_plan():
     assert all(torch.equal(a, b) for a, b in zip(plans[0][2], plans[1][2]))
 
 
+def test_a_model_in_train_mode_is_planned_without_dropout_and_runs_with_it():
+    """Planning runs the model as in eval(): the plan of a model compiled in train() mode is the
+    eval-mode plan, whatever the global RNG; the compiled model itself keeps its dropout."""
+    def plan(train, rng):
+        torch._dynamo.reset()
+        model = tiny_model("gpt2", resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3).train(train)
+        torch.manual_seed(rng)
+        compiled = compile_model(model, tau=0.6, cache=False, distill_epochs=1)
+        with torch.no_grad():
+            outs = [logits_of(compiled(IDS)) for _ in range(2)]
+        states = REGISTRY.states_of(list(model.parameters()))
+        return [s.router_w for s in states], [s.perm for s in states], outs
+
+    routers, perms, outs = plan(False, 0)
+    assert torch.equal(*outs)
+    train_routers, train_perms, train_outs = plan(True, 123)
+    assert all(map(torch.equal, routers, train_routers))
+    assert all(map(torch.equal, perms, train_perms))
+    assert not torch.equal(*train_outs)  # dropout still runs in the compiled graph
+
+
 def test_gradients_flow_through_the_sparse_ffn(monkeypatch):
     model = tiny_model("llama")
     compiled = compile_model(model)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from ..ffn import REGISTRY
+from ..graph import dropout_off
 from ..options import Options
 from .attach_plans import attach_plans
 from .build_experts import build_experts
@@ -37,6 +38,9 @@ class Context:
 
 PASSES = [find_ffns, attach_plans, calibrate, build_experts, train_routers, distill_routers,
           choose_temperature, save_plans, rewrite, lower_to_triton]
+# the passes that run the model: with dropout off (graph.dropout_off), in whatever mode it was
+# compiled; find_ffns runs before, so an FFN with dropout inside is not matched in train() mode
+RUN_THE_MODEL = {calibrate, train_routers, distill_routers, choose_temperature}
 
 
 log = logging.getLogger("ppcompile")
@@ -52,7 +56,8 @@ def run_passes(gm: fx.GraphModule, ctx: Context, passes=None) -> fx.GraphModule:
         with flush_denormals():
             for graph_pass in PASSES if passes is None else passes:
                 start = time.perf_counter()
-                gm = graph_pass(gm, ctx)
+                with dropout_off(gm) if graph_pass in RUN_THE_MODEL else nullcontext():
+                    gm = graph_pass(gm, ctx)
                 log.info("pass %s: %.2f s", graph_pass.__name__, time.perf_counter() - start)
     except BaseException:
         for ffn in gm.meta.get("ppcompile_ffns", []):
