@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -208,6 +209,10 @@ class SparseGraph:
             extras += extra_inputs(state, self.options.method)
             state.methods.add(self.options.method)
         self._seen[key] = (extras, states, WeightWatch(args, self.layout, states))
+        # the key is the weights' ids, which Python reuses once they are freed: another model's
+        # weights at those ids would run with this entry's routers
+        for up, _, _ in self.layout:
+            weakref.finalize(args[up], _forget, weakref.ref(self), key)
         return self._seen[key]
 
     def _plan_unseen(self, args):
@@ -221,6 +226,12 @@ class SparseGraph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_passes(gm, ctx, passes)
+
+
+def _forget(graph_ref, key):
+    graph = graph_ref()
+    if graph is not None:
+        graph._seen.pop(key, None)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

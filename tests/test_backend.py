@@ -456,6 +456,31 @@ def test_graph_reused_for_another_layer_uses_that_layers_weights():
             mlps[0](hidden)
 
 
+def test_a_graph_forgets_the_weights_of_a_freed_model(monkeypatch):
+    """The compiled graph finds an FFN's plan by its weights' ids, which Python gives to new
+    objects once the weights are freed: the entry goes with them, so a later model whose weights
+    land at those ids is planned, not run with the freed model's routers."""
+    import gc
+    graphs = []
+    init = ppcompile.backend.SparseGraph.__init__
+    monkeypatch.setattr(ppcompile.backend.SparseGraph, "__init__",
+                        lambda self, *a: (graphs.append(self), init(self, *a))[1])
+    options = {"tau": 0.6, "calibration": torch.randn(8, 16, 32), "expert_size": 8,
+               "distill_epochs": 0}
+    run = torch.compile(lambda mlp, x: mlp(x), backend="prunepath", options=options)
+    hidden = torch.randn(1, 16, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in (0, 1):
+            mlp = tiny_model("llama", seed=seed).model.layers[0].mlp
+            run(mlp, hidden)
+            (graph,) = graphs
+            assert len(graph._seen) == 1
+            del mlp
+            gc.collect()
+            assert not graph._seen
+
+
 def test_model_without_ffn_compiles_dense_with_one_warning():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
     compiled = torch.compile(model, backend="prunepath", options={"tau": 0.5})
