@@ -58,6 +58,17 @@ def is_user_input(node: fx.Node, value) -> bool:
     return not node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
 
 
+def is_module_buffer(node: fx.Node, value) -> bool:
+    """A tensor the module holds that is not a parameter: a registered buffer (rotary
+    frequencies, a causal mask), as a dynamo placeholder or an FX get_attr."""
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+        return False
+    if node.op == "get_attr":
+        return True
+    source = getattr(node, "_dynamo_source", None)
+    return node.op == "placeholder" and "._buffers[" in str(getattr(source, "name", ""))
+
+
 def produces_tensor(node: fx.Node) -> bool:
     value = node.meta.get("example_value", node.meta.get("val"))
     if value is None:

@@ -322,6 +322,21 @@ def test_plan_cache_tells_architectures_apart(monkeypatch):
     assert calls == [1, 1]
 
 
+def test_plan_cache_tells_buffers_and_constants_apart_but_not_lengths(monkeypatch):
+    """The same parameters with other rotary frequencies (a buffer) or another norm epsilon (a
+    constant of the graph) feed the FFNs other inputs: planned anew. Another input length (ints
+    of the graph) is the same model: served from the cache."""
+    calls = []
+    module = importlib.import_module("ppcompile.passes.calibrate")
+    real = module.calibration_batches
+    monkeypatch.setattr(module, "calibration_batches", lambda *a: calls.append(1) or real(*a))
+    for config, ids in [({}, IDS), ({"rope_theta": 1e6}, IDS), ({"rms_norm_eps": 1e-2}, IDS),
+                        ({}, IDS[:, :8])]:
+        torch._dynamo.reset()
+        run(compile_model(tiny_model("llama", **config), tau=0.6, distill_epochs=0), ids)
+    assert calls == [1, 1, 1]
+
+
 def test_a_damaged_cached_plan_is_ignored_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("PPCOMPILE_CACHE_DIR", str(tmp_path))
     run(compile_model(tiny_model("llama"), tau=0.6))

@@ -19,9 +19,11 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
 from .. import plan as plans
 from ..ffn import REGISTRY, SparseFFN
+from ..graph import is_module_buffer
 from ..options import PLAN_FIELD_DEFAULTS, PLAN_FIELDS, OptionError, Options
 from .build_experts import permute_neurons_
 
@@ -131,11 +133,22 @@ def graph_fingerprint(gm, ctx) -> str:
                      *((ffn.gate.weight, ffn.gate.bias) if ffn.gate else ())):
             if node is not None:
                 ffn_params.add(node)
+    # the other parameters and the buffers (rotary frequencies: another rope_theta feeds the
+    # FFNs other inputs)
     others = [v for n, v in ctx.values.items() if n.op in ("placeholder", "get_attr")
-              and n not in ffn_params and isinstance(v, torch.nn.Parameter)]
-    structure = "\n".join(f"{n.op} {getattr(n.target, '__name__', n.target)}"
-                          for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+              and n not in ffn_params and (isinstance(v, torch.nn.Parameter)
+                                           or is_module_buffer(n, v))]
+    structure = "\n".join(_operation(n) for n in gm.graph.nodes
+                          if n.op in ("call_function", "call_method"))
     return plans.graph_fingerprint(others, signatures, structure)
+
+
+def _operation(node) -> str:
+    """A node's operation and its float and string arguments (a norm's eps, a GELU's
+    approximation), not its ints, which hold the traced shapes (a plan serves every length)."""
+    constants = [repr(a) for a in tree_leaves((node.args, node.kwargs))
+                 if isinstance(a, (float, str))]
+    return f"{node.op} {getattr(node.target, '__name__', node.target)} {' '.join(constants)}"
 
 
 def _entry_name(name: str, entries) -> str | None:
