@@ -149,7 +149,12 @@ def run_demo(args) -> int:
     options = {"tau": args.taus[0], "calibration": calib, "expert_size": args.expert_size}
     compiled = torch.compile(model, backend="prunepath", options=options)
     with _phase("compile + calibrate (first call, one batch)"):
-        evaluate.perplexity(compiled, evals[:args.batch_size], args.batch_size)
+        try:
+            evaluate.perplexity(compiled, evals[:args.batch_size], args.batch_size)
+        except Exception as e:  # a bad option the checks above could not see: say which
+            if _option_error(e) is None:
+                raise
+            sys.exit(f"ppcompile demo: {_option_error(e)}")
 
     rows = []
     for tau in args.taus:
@@ -232,10 +237,15 @@ def run_bench(args) -> int:
         except ValueError as e:  # a text too short for one window of --prompt-len
             sys.exit(f"ppcompile bench: {e}; lower --prompt-len or give a longer --calib-text")
     _check_expert_size("bench", model, args.expert_size, args.model)
-    records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
-                        args.prompt_len, args.new_tokens, calibration=calibration,
-                        expert_size=args.expert_size,
-                        log=lambda m: print(m, flush=True), host_profile_dir=args.host_profile)
+    try:
+        records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
+                            args.prompt_len, args.new_tokens, calibration=calibration,
+                            expert_size=args.expert_size,
+                            log=lambda m: print(m, flush=True), host_profile_dir=args.host_profile)
+    except Exception as e:  # a bad option the checks above could not see: say which
+        if _option_error(e) is None:
+            raise
+        sys.exit(f"ppcompile bench: {_option_error(e)}")
     print(bench.table(records))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,12 +268,32 @@ def _phase(name):
 
 def _check_expert_size(command, model, expert_size, name):
     """Refuse an expert size that does not divide the model's FFN width before any long work."""
-    config = model.config
-    width = getattr(config.get_text_config(), "intermediate_size", None)
-    if isinstance(width, int) and width % expert_size:
+    width = _ffn_width(model.config.get_text_config())
+    if width is not None and width % expert_size:
         sys.exit(f"ppcompile {command}: --expert-size {expert_size} does not divide the FFN width "
                  f"{width} of {name}; divisors up to 64: "
                  f"{', '.join(str(d) for d in range(1, 65) if width % d == 0)}")
+
+
+def _ffn_width(config) -> int | None:
+    """The FFN width a config names, under any of the names Hugging Face configs use for it."""
+    for name in ("intermediate_size", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    if hasattr(config, "n_inner"):  # GPT-2 and its kin: None means 4 x the width
+        return config.n_inner or 4 * config.n_embd
+    return None
+
+
+def _option_error(error: BaseException):
+    """The OptionError behind an exception (torch.compile hands a backend's error on inside its
+    own), or None."""
+    from .options import OptionError
+    while error is not None:
+        if isinstance(error, OptionError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _whole_batches(windows: int, batch_size: int) -> int:

@@ -218,6 +218,29 @@ def test_demo_names_what_a_local_model_lacks(tmp_path):
         cli.main(["demo", "--model", str(folder), "--seq-len", "10000000"])
 
 
+@pytest.mark.parametrize("family, width", [("llama", 64), ("gpt2", 128), ("opt", 64),
+                                           ("t5", 64), ("distilbert", 64), ("gptj", 128)])
+def test_the_cli_reads_the_ffn_width_under_each_configs_name(family, width):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import FAMILIES
+
+    config_cls, _, kwargs, _ = FAMILIES[family]
+    assert cli._ffn_width(config_cls(**kwargs)) == width
+
+
+def test_the_cli_finds_an_option_error_inside_torch_compiles_error():
+    from ppcompile.options import OptionError
+
+    try:
+        try:
+            raise OptionError("option 'expert_size'=7 does not divide 48")
+        except OptionError as inner:
+            raise RuntimeError("backend='prunepath' raised") from inner
+    except RuntimeError as outer:
+        assert "expert_size" in str(cli._option_error(outer))
+    assert cli._option_error(RuntimeError("other")) is None
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main(["--version"])
