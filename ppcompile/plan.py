@@ -182,7 +182,38 @@ def load(path) -> tuple[dict, dict]:
     if missing:
         raise OptionError(f"option 'plan': {str(path)!r} is damaged: its header has no "
                           f"{' or '.join(map(repr, missing))}")
+    problem = _damage(header, tensors)
+    if problem:
+        raise OptionError(f"option 'plan': {str(path)!r} is damaged: {problem}")
     return header, tensors
+
+
+ENTRY_FIELDS = ("name", "kind", "activation", "d_model", "d_ff", "expert_size")
+
+
+def _damage(header, tensors) -> str | None:
+    """What makes a plan's header and tensors disagree (a hand-edited or truncated file), or
+    None: every FFN entry complete, its tensors present and of the shapes its sizes imply."""
+    if not isinstance(header["options"], dict) or not isinstance(header["ffns"], list):
+        return "its header's 'options' is not a mapping or its 'ffns' not a list"
+    for i, entry in enumerate(header["ffns"]):
+        if not isinstance(entry, dict) or any(k not in entry for k in ENTRY_FIELDS):
+            return f"FFN entry {i} lacks one of {', '.join(ENTRY_FIELDS)}"
+        d, d_ff, size = entry["d_model"], entry["d_ff"], entry["expert_size"]
+        if not all(isinstance(v, int) and v > 0 for v in (d, d_ff, size)) or d_ff % size:
+            return f"FFN entry {i} ({entry['name']!r}) has sizes d_model={d}, d_ff={d_ff}, " \
+                   f"expert_size={size}"
+        experts = d_ff // size
+        shapes = {"perm": (d_ff,), "router_w": (experts, d), "router_b": (experts,),
+                  "static_scores": (experts,), "signature": None}
+        for name, shape in shapes.items():
+            tensor = tensors.get(f"{i}.{name}")
+            if tensor is None:
+                return f"tensor '{i}.{name}' of FFN {entry['name']!r} is missing"
+            if shape is not None and tuple(tensor.shape) != shape:
+                return (f"tensor '{i}.{name}' of FFN {entry['name']!r} has shape "
+                        f"{tuple(tensor.shape)}, not {shape}")
+    return None
 
 
 def cache_dir() -> Path:

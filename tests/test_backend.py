@@ -206,6 +206,36 @@ def test_a_plan_file_that_does_not_fit_is_refused_naming_what_differs(tmp_path):
             run(again)
 
 
+def test_a_hand_edited_plan_file_is_refused_naming_the_damage(tmp_path):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, _, path = planned_and_saved(tmp_path)
+    for damage, words in [("entry", "FFN entry 0 lacks one of"),
+                          ("router", "tensor '0.router_w' .* has shape \\(4, 32\\)"),
+                          ("tensor", "tensor '1.signature' .* is missing"),
+                          ("options", "its header's 'options' is not a mapping")]:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads(f.metadata()["ppcompile"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if damage == "entry":
+            del header["ffns"][0]["expert_size"]
+        elif damage == "router":
+            tensors["0.router_w"] = tensors["0.router_w"][:4].contiguous()
+        elif damage == "tensor":
+            del tensors["1.signature"]
+        else:
+            header["options"] = "x"
+        edited = tmp_path / f"{damage}.safetensors"
+        save_file(tensors, str(edited), metadata={"ppcompile": json.dumps(header)})
+        torch._dynamo.reset()
+        again = torch.compile(tiny_model("llama"), backend="prunepath",
+                              options={"plan": str(edited)})
+        with pytest.raises(Exception, match="option 'plan': .* is damaged: " + words):
+            run(again)
+
+
 def test_a_plan_serves_the_model_compiled_another_way(tmp_path):
     """A plan saved from torch.compile(model) names the FFNs 'model.layers.0.mlp', ...; a
     function around the model `fresh` names them 'fresh.model.layers.0.mlp', ...: the same."""
