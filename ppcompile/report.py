@@ -40,8 +40,9 @@ def set_tau(compiled, tau: float) -> None:
 class Report:
     """rows: one dict per sparse FFN (name, kind, d_model, d_ff, expert_size, num_experts, tau:
     the model-wide tau, ffn_tau: this FFN's own threshold (its layer budget), shown where a
-    "prunepath" graph runs it (the other methods read the model-wide tau), active_fraction: token-weighted share of neurons computed since the last set_tau or compile,
-    None before the first call)."""
+    "prunepath" graph runs it (the other methods read the model-wide tau), active_fraction:
+    token-weighted share of neurons computed since the last set_tau or compile, None before the
+    first call; 1.0 at tau = 1, where every expert is kept, called or not)."""
 
     rows: list
 
