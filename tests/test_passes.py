@@ -396,6 +396,8 @@ def test_kept_dense_outputs_are_16_bit_only_where_that_holds_them():
     assert torch.equal(kept[2], fresh[1:])
     nan = torch.tensor([1.0, float("nan")])
     assert calibrate_module.kept_outputs([nan])[0].dtype == torch.float32
+    tiny = torch.randn(3, 4) * 1e-6  # subnormal in float16: 2-3 significant bits
+    assert calibrate_module.kept_outputs([tiny])[0].dtype == torch.float32
 
 
 def test_plan_runs_autocast_only_float32_weights_on_native_bf16(monkeypatch):

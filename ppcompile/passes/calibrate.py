@@ -108,7 +108,8 @@ def kept_outputs(out, inputs=()) -> list:
     may overwrite) or are views: a copy of SmolLM2's logits of one batch is 200 MB of fresh pages,
     ~0.3 s to fault in. Wider ones are kept in float16 where that holds them (magnitudes below
     2^15; 11 significant bits, ~0.01 on a logit of 20, against a bfloat16 student: half the
-    memory, so twice the batches fit DENSE_KEEP_BYTES), else in float32. Readers cast slices up."""
+    memory, so twice the batches fit DENSE_KEEP_BYTES) and the largest is not tiny (2^-8: smaller
+values would be subnormal), else in float32. Readers cast slices up."""
     held = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
     kept = []
     for t in floating_leaves(out):
@@ -119,8 +120,11 @@ def kept_outputs(out, inputs=()) -> list:
                       or storage.nbytes() != t.numel() * t.element_size())  # a view
             kept.append(t.clone() if shared else t)
             continue
-        fits = t.dtype != torch.float64 and (t.numel() == 0 or bool(
-            torch.stack(torch.aminmax(t)).abs().amax() < 2 ** 15))  # no |t| temporary
+        # float16 holds |t| below 2^15 to 11 bits while the largest values are normal numbers:
+        # a tensor whose largest value is tiny (below 2^-8) would be mostly subnormal there
+        largest = torch.stack(torch.aminmax(t)).abs().amax() if t.numel() else None  # no |t| copy
+        fits = t.dtype != torch.float64 and (largest is None or bool(
+            (largest < 2 ** 15) & (largest >= 2 ** -8)))
         kept.append(t.to(torch.float16 if fits else torch.float32, copy=True))
     return kept
 
