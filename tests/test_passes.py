@@ -654,17 +654,6 @@ def test_lower_to_triton_folds_the_statistics_add_into_the_op(monkeypatch):
             assert list(stats.users) == [node]
 
 
-def test_clustering_reads_tokens_from_the_whole_sample():
-    # the sample is in text order: a neuron that fires only in the later windows must not look
-    # dead to the clustering (it read the first CLUSTER_TOKENS rows only)
-    from ppcompile.passes.build_experts import CLUSTER_TOKENS, _features
-    h = torch.zeros(4 * CLUSTER_TOKENS, 16)
-    h[-CLUSTER_TOKENS:, 8:] = 1.0  # neurons 8..15 fire in the last quarter only
-    z = _features(h)
-    assert z.shape == (16, CLUSTER_TOKENS)
-    assert (z[8:].norm(dim=1) > 0.99).all() and (z[:8] == 0).all()
-
-
 def test_balanced_assign_respects_capacity_and_prefers_high_scores():
     score = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
     assert balanced_assign(score, 2).tolist() == [0, 0, 1, 1]

@@ -39,11 +39,8 @@ def build_experts(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 
 def _features(h: torch.Tensor) -> torch.Tensor:
-    """One row per neuron: its |activation| over (at most CLUSTER_TOKENS) sampled tokens, unit
-    norm. The tokens are spread evenly over the sample, which is in text order: its first rows
-    would all come from the first calibration windows."""
-    rows = torch.linspace(0, h.shape[0] - 1, min(h.shape[0], CLUSTER_TOKENS)).round().long()
-    z = h[rows.to(h.device)].abs().t().float()
+    """One row per neuron: its |activation| over (at most CLUSTER_TOKENS) sampled tokens, unit norm."""
+    z = h[:CLUSTER_TOKENS].abs().t().float()
     return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
