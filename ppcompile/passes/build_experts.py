@@ -39,7 +39,9 @@ def build_experts(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 
 def _features(h: torch.Tensor) -> torch.Tensor:
-    """One row per neuron: its |activation| over (at most CLUSTER_TOKENS) sampled tokens, unit norm."""
+    """One row per neuron: its |activation| over (at most CLUSTER_TOKENS) sampled tokens, unit
+    norm. These are the sample's first rows, which come from the first calibration windows (it is
+    in text order): rows spread over the whole sample measured no better (router_ablation.md, W)."""
     z = h[:CLUSTER_TOKENS].abs().t().float()
     return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
