@@ -65,7 +65,7 @@ def is_module_buffer(node: fx.Node, value) -> bool:
         return False
     if node.op == "get_attr":
         return True
-    source = getattr(node, "_dynamo_source", None)
+    source = getattr(node.meta.get("grapharg"), "source", None)
     return node.op == "placeholder" and "._buffers[" in str(getattr(source, "name", ""))
 
 
