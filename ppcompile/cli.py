@@ -148,13 +148,8 @@ def run_demo(args) -> int:
     # dense perplexity was measured above anyway.
     options = {"tau": args.taus[0], "calibration": calib, "expert_size": args.expert_size}
     compiled = torch.compile(model, backend="prunepath", options=options)
-    with _phase("compile + calibrate (first call, one batch)"):
-        try:
-            evaluate.perplexity(compiled, evals[:args.batch_size], args.batch_size)
-        except Exception as e:  # a bad option the checks above could not see: say which
-            if _option_error(e) is None:
-                raise
-            sys.exit(f"ppcompile demo: {_option_error(e)}")
+    with _phase("compile + calibrate (first call, one batch)"), _exit_on_option_error("demo"):
+        evaluate.perplexity(compiled, evals[:args.batch_size], args.batch_size)
 
     rows = []
     for tau in args.taus:
@@ -237,15 +232,11 @@ def run_bench(args) -> int:
         except ValueError as e:  # a text too short for one window of --prompt-len
             sys.exit(f"ppcompile bench: {e}; lower --prompt-len or give a longer --calib-text")
     _check_expert_size("bench", model, args.expert_size, args.model)
-    try:
+    with _exit_on_option_error("bench"):
         records = bench.run(model, Path(str(args.model)).name, args.batches, args.fractions,
                             args.prompt_len, args.new_tokens, calibration=calibration,
                             expert_size=args.expert_size,
                             log=lambda m: print(m, flush=True), host_profile_dir=args.host_profile)
-    except Exception as e:  # a bad option the checks above could not see: say which
-        if _option_error(e) is None:
-            raise
-        sys.exit(f"ppcompile bench: {_option_error(e)}")
     print(bench.table(records))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +274,19 @@ def _ffn_width(config) -> int | None:
     if hasattr(config, "n_inner"):  # GPT-2 and its kin: None means 4 x the width
         return config.n_inner or 4 * config.n_embd
     return None
+
+
+@contextmanager
+def _exit_on_option_error(command):
+    """A bad option the command's own checks could not see (found inside torch.compile) exits
+    with its message instead of dynamo's traceback."""
+    try:
+        yield
+    except Exception as e:
+        found = _option_error(e)
+        if found is None:
+            raise
+        sys.exit(f"ppcompile {command}: {found}")
 
 
 def _option_error(error: BaseException):

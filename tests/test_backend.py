@@ -125,7 +125,6 @@ def test_compiling_the_same_model_twice_reuses_its_plan():
     assert ppcompile.report(second).rows[0]["tau"] == 1.0
 
 
-
 def test_plan_cache_serves_the_same_weights_until_the_planner_changes(monkeypatch):
     """A fresh copy of a planned model compiles from the plan cache without calibrating, with
     the same outputs; a plan cached by other planning code is not reused."""
@@ -540,7 +539,6 @@ def test_model_without_ffn_compiles_dense_with_one_warning():
     with torch.no_grad():
         assert rel_err(out, model(x)) < 1e-6
     assert ppcompile.report(compiled).rows == []
-
 
 
 def test_dense_warning_is_per_model_and_not_for_a_sparse_models_loss_graph():

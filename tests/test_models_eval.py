@@ -191,7 +191,6 @@ def test_demo_and_bench_reject_bad_arguments_naming_the_flag(capsys):
         cli.main(["demo", "--eval-windows", "4"])
 
 
-
 def _tiny_llama_folder(path, tokenizer=True):
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -239,6 +238,10 @@ def test_the_cli_finds_an_option_error_inside_torch_compiles_error():
     except RuntimeError as outer:
         assert "expert_size" in str(cli._option_error(outer))
     assert cli._option_error(RuntimeError("other")) is None
+    with pytest.raises(SystemExit, match="ppcompile demo: option 'expert_size'=7"):
+        with cli._exit_on_option_error("demo"):
+            raise RuntimeError("backend='prunepath' raised") from OptionError(
+                "option 'expert_size'=7 does not divide 48")
 
 
 def test_version(capsys):

@@ -564,8 +564,6 @@ def test_rewrite_replaces_each_ffn_by_one_sparse_node(family):
     assert rel_err(got, want) < 1e-5
 
 
-
-
 def test_plan_precision_stays_float32_for_constants_beyond_bfloat16(monkeypatch):
     """DeBERTa masks attention scores with float32's minimum, which bfloat16 cannot hold: the
     plan passes' runs of such a graph stay in float32 even where bfloat16 is native."""

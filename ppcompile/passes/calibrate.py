@@ -8,11 +8,11 @@ counters are restored after each batch); each such FFN gets `sample = {"x": [n, 
 "weight": [n]}` (its inputs and intermediate activations, float32, on the weights' device) for n
 tokens drawn uniformly at random over all calibration tokens, n <= options.calibration_tokens, so
 memory stays bounded however much text is given; tokens whose x or h is not finite (NaN, or inf
-from a float16 overflow) are left out with a warning, and an FFN left with none is refused. "weight" is, per token, the share of the FFN's
-contribution in the residual stream it is added to, ||c||^2 / ||r + c||^2 (c: the FFN output, or
-what a norm after it makes of it; found as the first add after the FFN that adds it to a tensor
-not computed from it), or 1 where no such add exists: how much an error in this FFN's output
-moves what the next layer sees. When distillation follows (options.distill_epochs > 0), the
+from a float16 overflow) are left out with a warning, and an FFN left with none is refused.
+"weight" is, per token, the share of the FFN's contribution in the residual stream it is added
+to, ||c||^2 / ||r + c||^2 (c: the FFN output, or what a norm after it makes of it; found as the
+first add after the FFN that adds it to a tensor not computed from it), or 1 where no such add
+exists: how much an error in this FFN's output moves what the next layer sees. When distillation follows (options.distill_epochs > 0), the
 graph's dense outputs on the calibration batches stay in gm.meta["ppcompile_dense"] while they
 fit DENSE_KEEP_BYTES (kept_outputs: in 16 bits where that holds them). Deterministic for a
 given seed.
@@ -108,8 +108,9 @@ def kept_outputs(out, inputs=()) -> list:
     may overwrite) or are views: a copy of SmolLM2's logits of one batch is 200 MB of fresh pages,
     ~0.3 s to fault in. Wider ones are kept in float16 where that holds them (magnitudes below
     2^15; 11 significant bits, ~0.01 on a logit of 20, against a bfloat16 student: half the
-    memory, so twice the batches fit DENSE_KEEP_BYTES) and the largest is not tiny (2^-8: smaller
-values would be subnormal), else in float32. Readers cast slices up."""
+    memory, so twice the batches fit DENSE_KEEP_BYTES) and not all tiny (the largest at least
+    2^-8: below that most values would be float16 subnormals), else in float32. Readers cast
+    slices up."""
     held = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
     kept = []
     for t in floating_leaves(out):
@@ -120,11 +121,8 @@ values would be subnormal), else in float32. Readers cast slices up."""
                       or storage.nbytes() != t.numel() * t.element_size())  # a view
             kept.append(t.clone() if shared else t)
             continue
-        # float16 holds |t| below 2^15 to 11 bits while the largest values are normal numbers:
-        # a tensor whose largest value is tiny (below 2^-8) would be mostly subnormal there
-        largest = torch.stack(torch.aminmax(t)).abs().amax() if t.numel() else None  # no |t| copy
-        fits = t.dtype != torch.float64 and (largest is None or bool(
-            (largest < 2 ** 15) & (largest >= 2 ** -8)))
+        fits = t.dtype != torch.float64 and (t.numel() == 0 or 2 ** -8 <= float(
+            torch.stack(torch.aminmax(t)).abs().amax()) < 2 ** 15)  # no |t| temporary
         kept.append(t.to(torch.float16 if fits else torch.float32, copy=True))
     return kept
 

@@ -124,7 +124,7 @@ def _distill(gm, ctx, planned):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            losses, grad_buffer, overflowed = [], None, set()
+            losses, grad_buffer, finite = [], None, {}  # finite: batch -> outputs finite
             for _ in range(opts.distill_epochs):
                 order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
                 for first in range(0, len(order), per_update):
@@ -135,15 +135,18 @@ def _distill(gm, ctx, planned):
                     group = order[first:first + per_update]
                     total = 0.0
                     for index in group:
+                        if not finite.get(index, True):
+                            continue
                         dense = dense_kept.get(index)
                         if dense is None:  # not kept by calibrate: made as it makes them
                             with torch.no_grad(), precision:
                                 dense = floating_outputs(gm(*fresh_inputs(batches[index])))
-                        if index in overflowed or not all(t.isfinite().all() for t in dense):
+                        if index not in finite:  # checked once per batch
                             # NaN / inf targets (a float16 model overflowing) would make every
                             # router NaN in one step
-                            overflowed.add(index)
-                            continue
+                            finite[index] = all(bool(t.isfinite().all()) for t in dense)
+                            if not finite[index]:
+                                continue
                         with precision:
                             got = floating_leaves(student(*fresh_inputs(batches[index])))
                         loss, grad_buffer = distill_backward(got, dense, logits_width,
@@ -174,7 +177,8 @@ def _distill(gm, ctx, planned):
                 state.router_b.copy_(b)
                 state.tau_table = table
                 state.set_tau(opts.tau)
-    skipped = f" ({len(overflowed)} batches with non-finite outputs skipped)" if overflowed else ""
+    overflowed = list(finite.values()).count(False)
+    skipped = f" ({overflowed} batches with non-finite outputs skipped)" if overflowed else ""
     print(f"ppcompile: router distillation {'kept' if kept else 'dropped'}: {len(losses)} "
           f"updates in {seconds:.1f} s{skipped}, loss {losses[0]:.4g} -> {losses[-1]:.4g}; on the "
           f"check batch {loss_before:.4g} fitted, {loss_after:.4g} distilled", file=sys.stderr)

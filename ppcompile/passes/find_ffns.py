@@ -215,26 +215,33 @@ def _identify_on(probes, region, frontier, down, d_ff, values, only=None):
         return None
     out = out.reshape(-1, d_ff).double()
     flat = [t.reshape(-1, t.shape[-1]) for t in probes]
-    candidates = []
-    for name, act in ACTIVATIONS.items():
-        if len(frontier) == 2:
-            a, b = flat
-            candidates += [(name, "gate_first_pair", act(a) * b), (name, "gate_second_pair", act(b) * a)]
-        elif flat[0].shape[-1] == 2 * d_ff:
-            lo, hi = flat[0][:, :d_ff], flat[0][:, d_ff:]
-            candidates += [(name, "gate_first", act(lo) * hi), (name, "up_first", act(hi) * lo)]
-        else:
-            candidates.append((name, "plain", act(flat[0])))
-    candidates = [c for c in candidates if only is None or c[:2] == only]
+    if len(frontier) == 2:
+        shapes = ("gate_first_pair", "gate_second_pair")
+    elif flat[0].shape[-1] == 2 * d_ff:
+        shapes = ("gate_first", "up_first")
+    else:
+        shapes = ("plain",)
+    forms = [only] if only is not None else [(a, s) for a in ACTIVATIONS for s in shapes]
     scale = out.abs().max().clamp_min(1e-12)
-    # a non-finite output (overflow in a low-precision cast) matches nothing
-    errors = [((out - ref).abs().max() / scale).nan_to_num(float("inf")).item()
-              for _, _, ref in candidates]
-    best = min(range(len(candidates)), key=errors.__getitem__)
-    if not errors[best] <= _tolerance(region, values):
-        return None
-    name, shape, _ = candidates[best]
-    return name, shape
+    # one form's output at a time (probes are the traced input's size); a non-finite output
+    # (overflow in a low-precision cast) matches nothing
+    errors = [((out - _form_output(*form, flat, d_ff)).abs().max() / scale)
+              .nan_to_num(float("inf")).item() for form in forms]
+    best = min(range(len(forms)), key=errors.__getitem__)
+    return forms[best] if errors[best] <= _tolerance(region, values) else None
+
+
+def _form_output(activation, shape, flat, d_ff):
+    """What FFN form (activation, shape) computes from the flattened probes."""
+    act = ACTIVATIONS[activation]
+    if shape == "plain":
+        return act(flat[0])
+    if shape.endswith("_pair"):
+        gate, up = flat if shape == "gate_first_pair" else flat[::-1]
+    else:
+        lo, hi = flat[0][:, :d_ff], flat[0][:, d_ff:]
+        gate, up = (lo, hi) if shape == "gate_first" else (hi, lo)
+    return act(gate) * up
 
 
 def _tolerance(region, values):
