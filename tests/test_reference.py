@@ -113,3 +113,54 @@ def test_op_refuses_arguments_that_describe_no_sparse_ffn(change, words):
             torch.ops.ppcompile.sparse_ffn(mode.from_tensor(x), *fake, mode.from_tensor(
                 torch.tensor(0.5)), args["activation"], args["expert_size"], args["method"])
     assert words[0] in str(err.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(w_up=torch.randn(32, 24)), ["w_up has shape (32, 24)", "(32, 16)"]),
+    (dict(w_gate=torch.randn(64, 16)), ["w_gate has shape (64, 16)", "(32, 16)"]),
+    (dict(w_down=torch.randn(16, 48)), ["w_down has shape (16, 48)", "(16, 32)"]),
+    (dict(router_w=torch.randn(4, 24)), ["router_w has shape (4, 24)", "(4, 16)"]),
+    (dict(b_up=torch.randn(64)), ["b_up has shape (64,)", "(32,)"]),
+    (dict(b_down=torch.randn(8)), ["b_down has shape (8,)", "(16,)"]),
+    (dict(router_b=torch.randn(3)), ["router_b has shape (3,)", "(4,)"]),
+    (dict(w_gate=None), ["b_gate is given without w_gate"]),
+])
+def test_op_refuses_weights_of_the_wrong_shape(change, words):
+    """Shapes that do not fit together are refused by name, by the op and at trace time by its
+    fake (the kernels index the weights by these shapes: a mismatch would read other rows)."""
+    w = {**_ffn(), **change}
+    x = torch.randn(3, 16)
+    for run in ("op", "fake"):
+        with pytest.raises(ValueError) as err:
+            if run == "op":
+                torch.ops.ppcompile.sparse_ffn(x, *w.values(), torch.tensor(0.5), "silu", 8,
+                                               "prunepath")
+            else:
+                with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+                    fake = [mode.from_tensor(t) if t is not None else None for t in w.values()]
+                    torch.ops.ppcompile.sparse_ffn(mode.from_tensor(x), *fake, mode.from_tensor(
+                        torch.tensor(0.5)), "silu", 8, "prunepath")
+        for word in words:
+            assert word in str(err.value), (run, word, str(err.value))
+
+
+def test_topk_rounds_tau_as_the_float32_the_kernels_read():
+    """round(tau * E) is taken of tau's float32 value however tau is given: 0.35 of 10 experts is
+    0.34999999 of them, so 3 (a float64 0.35 would keep 4), on every path."""
+    from ppcompile.kernels.reference import select_top_fraction
+    logits = torch.randn(5, 10)
+    for tau in (0.35, torch.tensor(0.35, dtype=torch.float64), torch.tensor(0.35)):
+        assert select_top_fraction(logits, tau).sum(1).tolist() == [3] * 5
+    assert not select_top_fraction(logits, float("nan")).any()
+
+
+def test_op_computes_in_its_inputs_dtype_under_autocast():
+    """Under a caller's autocast the op computes as its fake says and compiled graphs run it: in
+    x's dtype (its projections would otherwise come out bfloat16 and select other experts)."""
+    w = _ffn()
+    x = torch.randn(6, 16)
+    args = (x, *w.values(), torch.tensor(0.5), "silu", 8, "prunepath")
+    want, _ = torch.ops.ppcompile.sparse_ffn(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = torch.ops.ppcompile.sparse_ffn(*args)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -529,9 +529,37 @@ def test_zero_tokens_and_arguments_that_describe_no_sparse_ffn():
         assert y.shape == shape and counts.tolist() == [0.0, 0.0]
     for change, words in [(dict(activation="swish"), "unknown activation 'swish'; allowed"),
                           (dict(expert_size=5), "expert_size=5 must be >= 1 and divide d_ff=64"),
-                          (dict(expert_size=16), "router_w has 8 rows.*makes 4 experts")]:
+                          (dict(expert_size=16), "router_w has 8 rows.*makes 4 experts"),
+                          # shapes the kernels would index past (they read by these shapes)
+                          (dict(router_b=ffn["router_b"][:3]), r"router_b has shape \(3,\)"),
+                          (dict(w_down=ffn["w_down"][:, :48]), r"w_down has shape \(32, 48\)"),
+                          (dict(w_up=ffn["w_up"][:, :24]), r"w_up has shape \(64, 24\)"),
+                          (dict(stats=zero_stats(ffn).float()), "stats must be a float64 pair")]:
         with pytest.raises(ValueError, match=words):
             triton_ffn.sparse_ffn_triton(**{**args, **change})
+
+
+@pytest.mark.parametrize("n, config", [(1, {"select": "fused"}), (1, {"select": "pairwise"}),
+                                       (8, {"select": "sorted"}), (8, {"select": "pairwise"})])
+@pytest.mark.parametrize("method", ["prunepath", "topk"])
+def test_nan_tau_keeps_no_expert(method, n, config):
+    """A NaN tau keeps no expert on every path, as the reference's comparisons with NaN do: the
+    router runs (NaN is not >= 1), the selection keeps nothing, y is the down bias."""
+    ffn = make_ffn(n, 32, 128, 8, gated=True, biases=True, seed=21)
+    y, counts, keep = triton_ffn.sparse_ffn_triton(
+        **ffn, tau=tau_tensor(float("nan")), activation="silu", expert_size=8, method=method,
+        config=config, return_keep=True)
+    y_ref, counts_ref = sparse_ffn_reference(**ffn, tau=tau_tensor(float("nan")),
+                                             activation="silu", expert_size=8, method=method)
+    assert not keep.any() and counts.tolist() == counts_ref.tolist() == [0.0, float(n)]
+    assert torch.equal(y, ffn["b_down"].expand_as(y)) and torch.equal(y_ref, y)
+
+
+@pytest.mark.parametrize("n", [3, 8, 16])
+def test_models_narrower_than_a_tensor_core_block(n):
+    """d = 8 at 3-16 tokens: the tensor-core plans' blocks stay >= 16 wide (masked), so a narrow
+    model runs on the kernels instead of being refused by the plan's check."""
+    run_and_check(make_ffn(n, 8, 64, 8, gated=True, biases=True, seed=22), 0.6, "silu", 8)
 
 
 def test_tau_changes_selection():

@@ -20,14 +20,22 @@ def sparse_ffn(x: Tensor, w_up: Tensor, b_up: Optional[Tensor], w_gate: Optional
                b_gate: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor],
                router_w: Tensor, router_b: Tensor, tau: Tensor, activation: str,
                expert_size: int, method: str) -> tuple[Tensor, Tensor]:
-    return sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
-                                router_b, tau, activation, expert_size, method)
+    # in its inputs' dtypes, as the fake says and compiled graphs run it: under a caller's
+    # autocast the projections would come out bfloat16 and the router logits select otherwise
+    with _no_autocast(x):
+        return sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
+                                    router_b, tau, activation, expert_size, method)
+
+
+def _no_autocast(x: Tensor):
+    return torch.autocast(x.device.type, enabled=False)
 
 
 @sparse_ffn.register_fake
 def _(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau, activation,
       expert_size, method):
-    check_arguments(w_up, router_w, activation, expert_size, method)  # at trace time
+    check_arguments(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
+                    activation, expert_size, method)  # at trace time
     return x.new_empty(*x.shape[:-1], w_down.shape[0]), x.new_empty(2, dtype=torch.float64)
 
 
@@ -42,14 +50,14 @@ def _backward(ctx, grad_y, _grad_counts):
     x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau = ctx.saved_tensors
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(x):
         h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, ctx.activation)
         keep = keep_mask(ctx.method, x2d, h, w_down, router_w, router_b, tau, ctx.expert_size)
     inputs = (x, w_up, b_up, w_gate, b_gate, w_down, b_down)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
               for i, t in enumerate(inputs)]
-    with torch.enable_grad():
+    with torch.enable_grad(), _no_autocast(x):
         lx, lw_up, lb_up, lw_gate, lb_gate, lw_down, lb_down = leaves
         h = ffn_hidden(lx.reshape(-1, d), lw_up, lb_up, lw_gate, lb_gate, ctx.activation)
         y = kept_down(h, keep, ctx.expert_size, lw_down, lb_down)

@@ -59,11 +59,11 @@ def select_top_fraction(logits: torch.Tensor, fraction) -> torch.Tensor:
     """Bool mask [N, E] keeping each row's round(fraction * E) highest logits (at least one;
     ties lowest index first). The count is computed on the tensor's device (fp64, half to even
     as Python's round): a 0-d tau tensor is never read on the host, so the op traces and
-    captures in CUDA graphs. Compiled models hold tau as float32, whose value is what is
-    rounded: where tau * E is a half, the float32 nearest tau decides (0.35 is 0.34999999, so
-    0.35 of 10 experts keeps 3)."""
+    captures in CUDA graphs. tau is a float32 (as compiled models hold it, and the kernels read
+    it), whatever it was given as: where tau * E is a half, the float32 nearest tau decides
+    (0.35 is 0.34999999, so 0.35 of 10 experts keeps 3). NaN keeps none."""
     experts = logits.shape[-1]
-    fraction = torch.as_tensor(fraction, dtype=torch.float64, device=logits.device)
+    fraction = torch.as_tensor(fraction, device=logits.device).float().double()
     k = (fraction * experts).round().clamp(1, experts)
     # a stable sort, not topk: equal logits go lowest index first on every device
     order = logits.float().sort(dim=-1, descending=True, stable=True).indices
@@ -90,9 +90,12 @@ def expert_importance(h: torch.Tensor, w_down: torch.Tensor, size: int) -> torch
 METHODS = ("prunepath", "topk", "static", "oracle")
 
 
-def check_arguments(w_up, router_w, activation, expert_size, method):
+def check_arguments(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
+                    activation, expert_size, method):
     """Refuse op arguments that cannot describe a sparse FFN, naming the value and what is
-    allowed (shapes and names only: nothing is read from the tensors)."""
+    allowed (shapes and names only: nothing is read from the tensors). The kernels index the
+    weights by these shapes, so a mismatch the reference's F.linear would refuse must not reach
+    them (they would read other rows, or past a tensor's end)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
     if method not in METHODS:
@@ -104,6 +107,18 @@ def check_arguments(w_up, router_w, activation, expert_size, method):
     if experts * expert_size != d_ff:
         raise ValueError(f"router_w has {experts} rows (experts), but d_ff={d_ff} / "
                          f"expert_size={expert_size} makes {d_ff // expert_size} experts")
+    d, d_out = int(x.shape[-1]), int(w_down.shape[0])
+    wanted = {"w_up": (w_up, (d_ff, d)), "w_gate": (w_gate, (d_ff, d)),
+              "w_down": (w_down, (d_out, d_ff)), "router_w": (router_w, (experts, d)),
+              "b_up": (b_up, (d_ff,)), "b_gate": (b_gate, (d_ff,)), "b_down": (b_down, (d_out,)),
+              "router_b": (router_b, (experts,))}
+    for name, (t, shape) in wanted.items():
+        if t is not None and tuple(int(n) for n in t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; x's last dimension {d}, "
+                             f"w_up's {d_ff} rows, w_down's {d_out} rows and {experts} experts "
+                             f"make it {shape}")
+    if b_gate is not None and w_gate is None:
+        raise ValueError("b_gate is given without w_gate: a plain FFN has no gate projection")
 
 
 def keep_mask(method, x2d, h, w_down, router_w, router_b, tau, expert_size):
@@ -129,7 +144,8 @@ def kept_down(h, keep, expert_size, w_down, b_down):
 def sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
                          tau, activation: str, expert_size: int, method: str = "prunepath"):
     """Returns (y [..., d], counts float64 [2] = (active neurons summed over tokens, tokens))."""
-    check_arguments(w_up, router_w, activation, expert_size, method)
+    check_arguments(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
+                    activation, expert_size, method)
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     h = ffn_hidden(x2d, w_up, b_up, w_gate, b_gate, activation)

@@ -164,12 +164,13 @@ def _select(logits, valid, row_ok, tau, n_exp, TOPK: tl.constexpr):
 @triton.jit
 def _topk_count(tau, n_exp):
     """The topk/static rules' kept count: Python's round(tau * E) (half to even, exact in fp64:
-    24-bit tau times E < 2^31), at least 1 and at most E."""
+    24-bit tau times E < 2^31), at least 1 and at most E; 0 for a NaN tau (the reference's
+    comparison with NaN keeps none)."""
     v = tau.to(tl.float64) * n_exp
     whole = v.to(tl.int64)
     frac = v - whole.to(tl.float64)
     k = whole + ((frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))).to(tl.int64)
-    return tl.minimum(tl.maximum(k, 1), n_exp)
+    return tl.where(tau == tau, tl.minimum(tl.maximum(k, 1), n_exp), 0)  # NaN keeps none
 
 
 @triton.jit
@@ -239,8 +240,9 @@ def _router_kernel(
         tl.atomic_add(counts_ptr + 1, tl.zeros([], tl.float64) + N, sem="relaxed")
     # tau >= 1 keeps every expert without looking at the logits (_select): skip the router's
     # bytes (4096x14336 at 100% active: the gap to cuBLAS, GPU_RUNS.md run 18). Inline, not a
-    # helper: pointers passed through a call may count as written for Inductor (see _select)
-    if tl.load(tau_ptr) < 1.0:
+    # helper: pointers passed through a call may count as written for Inductor (see _select).
+    # Not "tau < 1": a NaN tau must reach the selection, which keeps no expert for it
+    if ~(tl.load(tau_ptr) >= 1.0):
         rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -445,7 +447,7 @@ def _up_kernel(
     # bits and expert ids (a dependent L2 round trip before each step's weight loads) are
     # skipped (masked off)
     tau = tl.load(tau_ptr)
-    sparse = tau < 1.0
+    sparse = ~(tau >= 1.0)  # NaN is sparse (and keeps nothing), as in the selection
 
     if FUSED_SELECT:
         # one tile of at most a few tokens: every program selects by itself (identical results)
@@ -821,7 +823,9 @@ def plan(n_tokens: int, d: int, d_out: int, d_ff: int, expert_size: int, n_sm: i
         # CUDA-core router: one expert's row per program (4096x14336, one token, 25% active,
         # H200, runs 25-26: 43.5 / 43.8 us vs 44.6 / 44.9 with two)
         rbe = 16 if router_dot else 1
-        rbk = min(d_pad, 256) if router_dot else min(d_pad, max(64, 8192 // (n_pad * rbe)))
+        # (tl.dot blocks are >= 16 wide: a model narrower than that reads a masked block)
+        rbk = (max(16, min(d_pad, 256)) if router_dot
+               else min(d_pad, max(64, 8192 // (n_pad * rbe))))
         # tensor-core router: 16-expert blocks give too few programs to keep the HBM busy
         # (4096x14336: 56 programs, 9.9 us for 7 MB at batch 8 on an H100, run 14); split d
         # among ~2 x SMs programs, the readers sum the partial logits
@@ -962,12 +966,17 @@ def sparse_ffn_triton(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, r
     # the token count stays symbolic until the kernels need it: past DENSE_ABOVE (the only
     # guard), one dynamic prefill graph serves every prompt length
     n_tokens, d_ff, d_out = x2d.shape[0], int(w_up.shape[0]), int(w_down.shape[0])
-    check_arguments(w_up, router_w, activation, expert_size, method)
+    check_arguments(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b,
+                    activation, expert_size, method)
     n_exp = d_ff // expert_size
     too_big = n_tokens * max(d, d_ff, d_out) >= MAX_OFFSET or d_ff * max(d, d_out) >= MAX_OFFSET
     many = n_tokens > DENSE_ABOVE and config is None
     if stats is None:
         stats = torch.zeros(2, dtype=torch.float64, device=x.device)
+    elif stats.dtype != torch.float64 or tuple(stats.shape) != (2,) or stats.device != x.device:
+        # the kernels add into it with float64 atomics
+        raise ValueError(f"stats must be a float64 pair on {x.device}, got {stats.dtype} "
+                         f"{tuple(stats.shape)} on {stats.device}")
     if method == "oracle" or n_exp > MAX_EXPERTS or too_big or many or n_tokens == 0:
         y, counts = sparse_ffn_reference(x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w,
                                          router_b, tau, activation, expert_size, method)
