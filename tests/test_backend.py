@@ -613,6 +613,22 @@ def test_gradients_flow_through_the_sparse_ffn(monkeypatch):
     assert grad is not None and rel_err(grad, want) < 1e-4
 
 
+def test_a_graph_compiled_for_gradients_keeps_the_reference_op(monkeypatch):
+    """On the GPU the sparse FFNs of a graph that AOT autograd differentiates stay on the torch
+    reference op (the triton_op has no backward): here the weights are on the CPU and the
+    lowering is told they are on a GPU. Grad mode warns, naming the way to the kernels, and the
+    gradients flow."""
+    lowering = importlib.import_module("ppcompile.passes.lower_to_triton")
+    monkeypatch.setattr(lowering, "on_gpu", lambda t: True)
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.5)
+    with pytest.warns(UserWarning, match=r"reference op.*torch\.no_grad\(\)"):
+        out = logits_of(compiled(IDS))
+    out.square().mean().backward()
+    grad = model.model.layers[0].mlp.up_proj.weight.grad
+    assert grad is not None and bool(grad.isfinite().all()) and grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_plan_file_carries_layer_budgets(tmp_path, monkeypatch, kept):
     module = importlib.import_module("ppcompile.passes.train_routers")

@@ -84,6 +84,23 @@ def test_kernels_compute_what_the_reference_op_computes(family, tmp_path, monkey
         assert rel_err(out, run(reference, ids)) < 1e-4
 
 
+def test_grad_mode_runs_the_reference_op_and_differentiates():
+    """Called with gradients on (the weights require grad), the compiled model keeps the torch
+    reference op, which has a backward: the outputs equal the kernels' (the no_grad graph) and
+    the FFN weights get gradients."""
+    model = gpu_model()
+    compiled = torch.compile(model, backend="prunepath",
+                             options={"tau": 0.5, "calibration": CALIB, "expert_size": 16})
+    run(compiled, IDS)  # the first call of a shape may run eagerly (relayout)
+    kernels = run(compiled, IDS).clone()
+    with pytest.warns(UserWarning, match="reference op"):
+        out = logits_of(compiled(IDS.cuda()))
+    assert rel_err(out.detach(), kernels) < 1e-4
+    out.float().square().mean().backward()
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert down.grad is not None and bool(down.grad.isfinite().all()) and down.grad.abs().sum() > 0
+
+
 def test_planned_on_the_cpu_runs_on_the_gpu():
     """Calibrate on the CPU, then .cuda(): the plan moves with the weights, and the lowered
     model computes what the CPU one did."""

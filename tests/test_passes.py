@@ -638,7 +638,8 @@ def test_lower_to_triton_folds_the_statistics_add_into_the_op(monkeypatch):
         gm = p(gm, ctx)
     before = op_counts(gm)
     monkeypatch.setattr(lowering, "on_gpu", lambda t: True)
-    gm = lowering.lower_to_triton(gm, ctx)
+    with torch.no_grad():  # a graph compiled for inference (see the next test)
+        gm = lowering.lower_to_triton(gm, ctx)
     after = op_counts(gm)
     n = 2
     assert (before["sparse_ffn"], before["add_"]) == (n, n)
@@ -650,6 +651,27 @@ def test_lower_to_triton_folds_the_statistics_add_into_the_op(monkeypatch):
             stats = node.args[10]  # after tau, the statistics input the op now adds into
             assert stats.op == "placeholder" and stats.name.endswith("_stats")
             assert list(stats.users) == [node]
+
+
+def test_lower_to_triton_keeps_the_reference_op_where_gradients_are_wanted(monkeypatch):
+    """A graph compiled in grad mode with weights that require grad gets a backward from AOT
+    autograd; the triton_op (it writes its statistics in place) can have no autograd formula,
+    so the reference op, which has one, stays, with a warning naming the way to the kernels."""
+    from ppcompile.kernels import gpu_op
+
+    lowering = importlib.import_module("ppcompile.passes.lower_to_triton")
+    if not gpu_op.AVAILABLE:
+        pytest.skip("needs triton")
+    _, gm, ctx = setup("llama")
+    assert any(isinstance(t, torch.Tensor) and t.requires_grad for t in ctx.example_inputs)
+    for p in (find_ffns, attach_plans, calibrate, build_experts, train_routers, rewrite):
+        gm = p(gm, ctx)
+    before = op_counts(gm)
+    monkeypatch.setattr(lowering, "on_gpu", lambda t: True)
+    with torch.enable_grad(), pytest.warns(UserWarning, match=r"torch\.no_grad\(\)"):
+        gm = lowering.lower_to_triton(gm, ctx)
+    assert op_counts(gm) == before and before["sparse_ffn"] == 2
+    assert gm.meta["ppcompile_relayout"] == []
 
 
 def test_balanced_assign_respects_capacity_and_prefers_high_scores():

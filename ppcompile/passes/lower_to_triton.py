@@ -7,6 +7,10 @@ the method runs on the kernels (all but "oracle", which must compute the dense F
 traces its kernel launches into the code it generates (CUDA-graph friendly, no opaque call), and
 its kernels add the counts into stats with their own atomics (the separate add was one more
 kernel launch per FFN and decode step).
+Not lowered: graphs compiled to be differentiated (grad mode on and an input, such as a weight,
+that requires grad): the triton_op writes its statistics input in place, so it can have no
+autograd formula, and the torch reference op, which has one, stays (with a warning naming the
+way to the kernels: run under torch.no_grad() or torch.inference_mode()).
 Guarantees: as many sparse-FFN nodes before and after, the same arguments, the same output and
 statistics (to the kernels' rounding); the lowered FFNs' add_ nodes are gone.
 gm.meta["ppcompile_relayout"] lists (input position, column_major) for the weights whose memory
@@ -18,6 +22,7 @@ itself: dynamo guards on parameter strides, so the backend re-lays them out afte
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -31,6 +36,13 @@ def lower_to_triton(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         return gm
     lowered = {ffn.down.weight for ffn in gm.meta["ppcompile_ffns"]
                if ffn.state is not None and on_gpu(ctx.values[ffn.down.weight])}
+    if lowered and differentiated(ctx.example_inputs):
+        warnings.warn(
+            "ppcompile: this graph was compiled with gradients on (grad mode, and inputs such as "
+            "the weights that require grad), so its sparse FFNs run the torch reference op, "
+            "which has a backward, not the Triton kernels; for inference call the model under "
+            "torch.no_grad() or torch.inference_mode()", stacklevel=2)
+        lowered = set()
     for node in list(gm.graph.nodes):
         if node.target is torch.ops.ppcompile.sparse_ffn.default and _down_weight(node) in lowered:
             _lower(gm.graph, node)
@@ -46,6 +58,13 @@ def lower_to_triton(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                 gm.meta["ppcompile_relayout"].append((position[proj.weight], column_major))
     gm.recompile()
     return gm
+
+
+def differentiated(example_inputs) -> bool:
+    """Whether AOT autograd will trace this graph's backward too (dynamo guards on grad mode, so
+    the same graph never runs in the other mode)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
 def on_gpu(t: torch.Tensor) -> bool:
