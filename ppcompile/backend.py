@@ -5,6 +5,7 @@ rewrite to sparse-FFN nodes, lower them to Triton on the GPU, compile with Induc
 """
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 import weakref
@@ -192,10 +193,13 @@ class SparseGraph:
 
     def ffn_inputs(self, args) -> tuple:
         """(extra graph inputs, states, weight watch) of the FFN weights in args, made the first
-        time these weights are seen (planned then if they have no plan)."""
+        time these weights are seen (planned then if they have no plan), and again when the
+        registry has changed since (another compile gave them a new plan, or a move to another
+        device or dtype gave their router new tensors): kept, they would run the old routers."""
         key = tuple(id(args[up]) for up, _, _ in self.layout)
-        if key in self._seen:
-            return self._seen[key]
+        seen = self._seen.get(key)
+        if seen is not None and seen[3] == REGISTRY.generation:
+            return seen[:3]
         states = [REGISTRY.get(args[up], args[down]) for up, down, _ in self.layout]
         if any(s is None for s in states):
             self._plan_unseen(args)
@@ -208,12 +212,17 @@ class SparseGraph:
                     f"{state.expert_size} after this graph was compiled for {size}; compile again")
             extras += extra_inputs(state, self.options.method)
             state.methods.add(self.options.method)
-        self._seen[key] = (extras, states, WeightWatch(args, self.layout, states))
-        # the key is the weights' ids, which Python reuses once they are freed: another model's
-        # weights at those ids would run with this entry's routers
-        for up, _, _ in self.layout:
-            weakref.finalize(args[up], _forget, weakref.ref(self), key)
-        return self._seen[key]
+        if seen is not None and all(map(operator.is_, seen[0] + seen[1], extras + states)):
+            watch = seen[2]  # the same inputs: keep what the watch has seen
+        else:
+            watch = WeightWatch(args, self.layout, states)
+        if seen is None:
+            # the key is the weights' ids, which Python reuses once they are freed: another
+            # model's weights at those ids would run with this entry's routers
+            for up, _, _ in self.layout:
+                weakref.finalize(args[up], _forget, weakref.ref(self), key)
+        self._seen[key] = (extras, states, watch, REGISTRY.generation)
+        return extras, states, watch
 
     def _plan_unseen(self, args):
         warnings.warn(

@@ -125,6 +125,7 @@ class SparseFFN:
         self.static_scores = self.static_scores.to(device)
         self.tau, self.model_tau = self.tau.to(device), self.model_tau.to(device)
         self._new_call_buffers()
+        REGISTRY.generation += 1  # compiled graphs holding the old tensors look them up again
 
     def set_temperature_table(self, table: torch.Tensor | None):
         """Give the router a temperature per model-wide tau (None: the router as it is now,
@@ -198,6 +199,9 @@ class Registry:
 
     def __init__(self):
         self._states: dict[tuple[int, int], SparseFFN] = {}
+        # moves on whenever a state is put, dropped or given new tensors (move_to_): a compiled
+        # graph that keeps its FFNs' inputs between calls re-reads them when it has moved
+        self.generation = 0
 
     def get(self, up_weight, down_weight) -> SparseFFN | None:
         return self._states.get((id(up_weight), id(down_weight)))
@@ -207,9 +211,11 @@ class Registry:
         if key not in self._states:
             weakref.finalize(up_weight, self._states.pop, key, None)
         self._states[key] = state
+        self.generation += 1
 
     def drop(self, up_weight, down_weight):
         self._states.pop((id(up_weight), id(down_weight)), None)
+        self.generation += 1
 
     def states_of(self, params) -> list[SparseFFN]:
         """States whose weights are among `params`, in the order of `params`."""

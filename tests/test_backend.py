@@ -613,6 +613,31 @@ def test_gradients_flow_through_the_sparse_ffn(monkeypatch):
     assert grad is not None and rel_err(grad, want) < 1e-4
 
 
+def test_an_earlier_graph_runs_the_plan_a_later_compile_gave_its_weights(tmp_path):
+    """A compile that gives the same weights a new plan (here from a file, without a dynamo
+    reset) and a cast to another dtype and back (new router tensors) both reach the graphs
+    compiled before: they run the routers and tau the registry holds now, and their calls are
+    counted."""
+    model = tiny_model("llama")
+    dense = run(model)
+    first = compile_model(model, tau=0.5, distill_epochs=0)
+    run(first)
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(first, path)
+    second = torch.compile(model, backend="prunepath", options={"tau": 0.5, "plan": str(path)})
+    run(second)
+    ppcompile.set_tau(first, 1.0)
+    assert rel_err(run(first), dense) < 1e-5  # was sparse: the old states' tau stayed 0.5
+    ppcompile.set_tau(first, 0.5)
+    sparse = run(first)
+    assert all(r["active_fraction"] is not None for r in ppcompile.report(first).rows)
+    model.double()
+    run(first)  # a float64 graph; the routers move to float64
+    model.float()
+    assert rel_err(run(first), sparse) < 1e-6
+    assert all(r["active_fraction"] is not None for r in ppcompile.report(first).rows)
+
+
 def test_a_graph_compiled_for_gradients_keeps_the_reference_op(monkeypatch):
     """On the GPU the sparse FFNs of a graph that AOT autograd differentiates stay on the torch
     reference op (the triton_op has no backward): here the weights are on the CPU and the
