@@ -94,6 +94,10 @@ class Options:
                 f"option 'calibration' must be a torch.Tensor (token ids [N, T] or the module's "
                 f"first input), got {type(self.calibration).__name__}"
             )
+        if self.calibration is not None and self.calibration.layout != torch.strided:
+            raise OptionError(
+                f"option 'calibration' is a {self.calibration.layout} tensor: pass a dense one "
+                "(calibration.to_dense())")
         if self.calibration is not None and self.calibration.device.type == "meta":
             raise OptionError("option 'calibration' is on the meta device: it holds no data")
         if self.calibration is not None and (self.calibration.dtype == torch.bool
@@ -140,9 +144,17 @@ class Options:
 def check_tau(tau, name="tau") -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):  # numpy floats too
         raise OptionError(f"option '{name}' must be a float in (0, 1], got {type(tau).__name__} {tau!r}")
-    if not (0.0 < float(tau) <= 1.0) or math.isnan(tau):
+    try:
+        value = float(tau)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
+    if not (0.0 < value <= 1.0) or math.isnan(value):
         raise OptionError(f"option '{name}' must be a float in (0, 1], got {tau!r}")
-    return float(tau)
+    if float(torch.tensor(value, dtype=torch.float32)) == 0.0:
+        # the FFNs hold tau as float32: it would be 0 there, and keep no expert
+        raise OptionError(f"option '{name}' must be a float in (0, 1] that float32 holds as "
+                          f"more than 0 (at least 1.4e-45), got {tau!r}")
+    return value
 
 
 def _check_int(opts, name, minimum, maximum=None):

@@ -16,6 +16,8 @@ from tiny_models import tiny_model
     ({"tau": float("nan")}, ["'tau'", "nan"]),
     ({"tau": "0.9"}, ["'tau'", "float", "str"]),
     ({"tau": True}, ["'tau'", "float", "bool"]),
+    ({"tau": 10**400}, ["'tau'", "(0, 1]"]),  # beyond float's range
+    ({"tau": 1e-300}, ["'tau'", "float32", "1.4e-45", "1e-300"]),  # 0 as float32
     ({"taw": 0.9}, ["unknown option", "'taw'", "tau"]),
     ({"expert_size": 0}, ["'expert_size'", ">= 1", "0"]),
     ({"expert_size": 8.0}, ["'expert_size'", "int", "float"]),
@@ -29,6 +31,8 @@ from tiny_models import tiny_model
     ({"calibration": torch.zeros(4, 8, dtype=torch.long, device="meta")}, ["'calibration'", "meta"]),
     ({"calibration": torch.ones(4, 8, dtype=torch.bool)}, ["'calibration'", "torch.bool", "integer"]),
     ({"plan": 3}, ["'plan'", "path", "int"]),
+    ({"calibration": torch.ones(4, 8, dtype=torch.long).to_sparse()},
+     ["'calibration'", "sparse", "to_dense()"]),
 ])
 def test_bad_options_are_named(options, words):
     with pytest.raises(OptionError) as err:
