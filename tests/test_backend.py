@@ -638,6 +638,25 @@ def test_an_earlier_graph_runs_the_plan_a_later_compile_gave_its_weights(tmp_pat
     assert all(r["active_fraction"] is not None for r in ppcompile.report(first).rows)
 
 
+def test_a_plan_of_ffns_that_share_a_name_loads_by_their_weights(tmp_path):
+    """A graph break before a decoder layer names the FFNs of the graphs after it relative to
+    their own frames ('mlp' for all three here): the plan file holds three entries of one name,
+    and loading it gives each FFN the entry its weights match."""
+    def model():
+        m = tiny_model("llama", num_hidden_layers=3)
+        m.model.layers[1].register_forward_pre_hook(lambda *a: torch._dynamo.graph_break())
+        return m
+
+    first = compile_model(model(), tau=0.5, distill_epochs=0)
+    want = run(first)
+    assert len({r["name"] for r in ppcompile.report(first).rows}) < 3
+    path = tmp_path / "plan.safetensors"
+    ppcompile.save_plan(first, path)
+    torch._dynamo.reset()
+    again = torch.compile(model(), backend="prunepath", options={"tau": 0.5, "plan": str(path)})
+    assert rel_err(run(again), want) < 1e-6
+
+
 def test_a_graph_compiled_for_gradients_keeps_the_reference_op(monkeypatch):
     """On the GPU the sparse FFNs of a graph that AOT autograd differentiates stay on the torch
     reference op (the triton_op has no backward): here the weights are on the CPU and the

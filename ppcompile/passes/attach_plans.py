@@ -165,7 +165,9 @@ def _entry_name(name: str, entries) -> str | None:
 def apply_plan(ffns, header, tensors, ctx, path, strict):
     """Give each FFN the plan's entry of the same name, after checking that it fits."""
     # plans made before FFN names lost the 'args.' of wrapped forwards still match
-    entries = {e["name"].removeprefix("args."): (i, e) for i, e in enumerate(header["ffns"])}
+    entries = {}
+    for i, e in enumerate(header["ffns"]):
+        entries.setdefault(e["name"].removeprefix("args."), []).append((i, e))
     for ffn in ffns:
         name = _entry_name(ffn.name, entries)
         if name is None:
@@ -174,16 +176,23 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             raise OptionError(
                 f"option 'plan': {path!r} has no FFN named '{ffn.name}' (it has "
                 f"{', '.join(sorted(entries)) or 'none'}); it was made for another model")
-        i, entry = entries[name]
         want = dict(kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model, d_ff=ffn.d_ff)
+        weights = ffn.weights(ctx.values)
+        columns = plans.neuron_columns(weights)
+        # FFNs of graphs that graph breaks split off may share a name (each one's is relative to
+        # its own frame: 'mlp'); their weights tell them apart
+        i, entry = next(((i, e) for i, e in entries[name]
+                         if {k: e[k] for k in want} == want and plans.same_signature(
+                             plans.sorted_columns(columns),
+                             plans.sorted_columns(tensors[f"{i}.signature"]))),
+                        entries[name][0])
         got = {k: entry[k] for k in want}
         if got != want:
             if not strict:  # a cached plan for another graph: plan this FFN afresh
                 continue
             raise OptionError(f"option 'plan': FFN '{ffn.name}' in {path!r} is {got}, "
                               f"but the model's is {want}")
-        weights = ffn.weights(ctx.values)
-        columns, stored = plans.neuron_columns(weights), tensors[f"{i}.signature"]
+        stored = tensors[f"{i}.signature"]
         if not plans.same_signature(plans.sorted_columns(columns), plans.sorted_columns(stored)):
             if not strict:
                 continue
