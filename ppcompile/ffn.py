@@ -98,6 +98,7 @@ class SparseFFN:
     perm: torch.Tensor | None = None  # neuron order applied to the weights, w.r.t. the original
     signature: torch.Tensor | None = field(default=None, repr=False)  # plan.neuron_columns, plan's order
     plan_key: tuple = ()
+    calibration: str | None = None  # plan.data_hash of the calibration option it was made on
     plan_file: str | None = None  # the plan file it was loaded from, if any
     # ids of the options dicts whose torch.compile calls have set tau: each sets it once, at its
     # first compile, and its recompiles keep what set_tau chose since; a state read from a plan

@@ -657,6 +657,23 @@ def test_a_plan_of_ffns_that_share_a_name_loads_by_their_weights(tmp_path):
     assert rel_err(run(again), want) < 1e-6
 
 
+def test_new_calibration_data_plans_the_same_model_anew(capsys):
+    """Compiled again with other calibration data, a model is planned on that data (it kept the
+    first plan, silently); compiled again with the same data or with none, it keeps its plan."""
+    model = tiny_model("llama")
+    run(compile_model(model, tau=0.5, cache=False, distill_epochs=0))
+    first = [s.router_w.clone() for s in REGISTRY.states_of(list(model.parameters()))]
+    other = CALIB.flip(0) // 2
+    for calibration, replanned in ((other, True), (other, False), (None, False)):
+        torch._dynamo.reset()
+        capsys.readouterr()
+        run(compile_model(model, tau=0.5, cache=False, distill_epochs=0, calibration=calibration))
+        assert ("calibrated" in capsys.readouterr().err) == replanned
+    now = REGISTRY.states_of(list(model.parameters()))
+    assert all(s.calibration is not None for s in now)
+    assert not any(torch.equal(a, s.router_w) for a, s in zip(first, now))
+
+
 def test_a_graph_compiled_for_gradients_keeps_the_reference_op(monkeypatch):
     """On the GPU the sparse FFNs of a graph that AOT autograd differentiates stay on the torch
     reference op (the triton_op has no backward): here the weights are on the CPU and the

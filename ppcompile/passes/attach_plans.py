@@ -1,8 +1,9 @@
 """Pass 2: give FFNs a plan without calibrating, when one exists.
 
 Matches, in order: (1) with options.plan, every FFN of the graph, from that file; (2) FFNs whose
-weights already carry a plan made with the same plan options (a recompile for new shapes, the
-same model compiled again, another graph of the same model); (3) with options.cache, the FFNs
+weights already carry a plan made with the same plan options, and on the same calibration data
+where it is given (a recompile for new shapes, the same model compiled again, another graph of
+the same model); (3) with options.cache, the FFNs
 of a graph whose fingerprint has a cached plan.
 Guarantees: the graph is unchanged; matched FFNs get `state`, their weights in the plan's neuron
 order (permuted in place from the order they are found in: the original, the plan's own for weights
@@ -44,11 +45,12 @@ def attach_plans(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             _check_plan_options(header, ctx, path)
             apply_plan(todo, header, tensors, ctx, path, strict=True)
         return gm
-    todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=None)]
+    data = plans.data_hash(opts.calibration)
+    todo = [f for f in ffns if not _attach_known(f, ctx, plan_file=None, data=data)]
     if todo and opts.cache:
         fingerprint = graph_fingerprint(gm, ctx)
         gm.meta["ppcompile_fingerprint"] = fingerprint
-        path = plans.cached_plan(fingerprint, opts.plan_key(), plans.data_hash(opts.calibration))
+        path = plans.cached_plan(fingerprint, opts.plan_key(), data)
         if path is not None:
             try:
                 loaded = plans.load(path)
@@ -76,7 +78,7 @@ def _check_plan_options(header, ctx, path):
                 f"'{name}' out, or plan anew without option 'plan'")
 
 
-def _attach_known(ffn, ctx, plan_file) -> bool:
+def _attach_known(ffn, ctx, plan_file, data=None) -> bool:
     state = REGISTRY.get(*ffn.key_params(ctx.values))
     if state is None:
         return False
@@ -84,6 +86,8 @@ def _attach_known(ffn, ctx, plan_file) -> bool:
         return False
     if plan_file is None and state.plan_key != ctx.options.plan_key():
         return False
+    if plan_file is None and data is not None and state.calibration != data:
+        return False  # calibration data given, and the plan was made on other data: plan anew
     if not _in_plan_order(ffn, state, ctx):
         return False
     _adopt(ffn, state, ctx)
@@ -228,6 +232,8 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             temperature_table=tensors.get(f"{i}.temperature_table"),
             perm=perm, signature=signature,
             plan_key=tuple({**PLAN_FIELD_DEFAULTS, **opts}[name] for name in PLAN_FIELDS),
+            # a cached plan was found by this calibration's hash; a plan file's data is unknown
+            calibration=None if strict else plans.data_hash(ctx.options.calibration),
             plan_file=path)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
         _adopt(ffn, state, ctx)

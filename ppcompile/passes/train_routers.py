@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..ffn import REGISTRY, SparseFFN
 from ..kernels.reference import expert_importance, keep_mask, kept_down
-from ..plan import neuron_columns
+from ..plan import data_hash, neuron_columns
 from .calibrate import (calibration_batches, floating_leaves, floating_outputs, in_place,
                         no_autocast, plan_precision)
 
@@ -85,7 +85,7 @@ def train_routers(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             router_b=router_b.to(**on_device), static_scores=static.to(device=w_up.device),
             tau=torch.tensor(opts.tau, dtype=torch.float32, device=w_up.device),
             perm=ffn.perm.cpu(), signature=neuron_columns(weights), plan_key=opts.plan_key(),
-            tau_set_by={id(ctx.options_source)})
+            calibration=data_hash(opts.calibration), tau_set_by={id(ctx.options_source)})
         planned.append((ffn, weights))
     if not planned:
         return gm
