@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from . import plan as plans
 from .ffn import REGISTRY
 from .graph import graph_tensors
 from .options import OptionError, Options
@@ -66,41 +67,65 @@ class WeightWatch:
     into a compiled model: a plan fits its weights only in the neuron order it put them in, and
     the graph would go on computing with the old routers. Per call it reads the down weights'
     version counters (cheap); where one moved, it compares a fixed sample of 64 of the weight's
-    values with the last one seen: a small change (a training step) passes, a replacement
-    raises, saying how to re-plan."""
+    values with the last one seen, by any graph of the model (what was seen lives on the FFN's
+    state: a model evaluated, trained through another graph, then evaluated again). A small
+    change passes; a large one passes if the weight's per-neuron column sums are still far
+    closer to the plan's order than to the original (training in place,
+    plan.trained_in_place), else it raises, saying how to re-plan."""
 
     SAMPLE = 64
     REPLACED = 0.5  # relative change of the sample; a training step changes it by far less
 
     def __init__(self, args, layout, states):
-        self.watched = []  # [down weight's position, its version, sample indices, sample, name]
+        self.watched = []  # (down weight's position, state)
         for (_, down, _), state in zip(layout, states):
             w = args[down]
             try:
                 version = w._version
             except RuntimeError:  # inference-mode tensors keep no version counter
                 continue
-            k = torch.arange(self.SAMPLE, device=w.device)
-            where = ((k * 7919) % w.shape[0], (k * 104729) % w.shape[1])
-            self.watched.append([down, version, where, w.detach()[where].double(), state.name])
+            seen = state.seen_down
+            if seen is None or (seen["shape"], seen["device"]) != (tuple(w.shape), w.device):
+                k = torch.arange(self.SAMPLE, device=w.device)
+                where = ((k * 7919) % w.shape[0], (k * 104729) % w.shape[1])
+                state.seen_down = dict(shape=tuple(w.shape), device=w.device, version=version,
+                                       where=where, sample=w.detach()[where].double(),
+                                       columns=_down_columns(w, state.d_ff))
+            self.watched.append((down, state))
 
     def check(self, args):
-        moved = [entry for entry in self.watched if args[entry[0]]._version != entry[1]]
+        moved = [(down, state) for down, state in self.watched
+                 if args[down]._version != state.seen_down["version"]]
         if not moved:
             return
-        now = [args[down].detach()[where].double() for down, _, where, _, _ in moved]
-        changes = torch.stack([(sample - seen).norm() / seen.norm().clamp_min(1e-12)
-                               for sample, (_, _, _, seen, _) in zip(now, moved)]).tolist()
-        for entry, sample, change in zip(moved, now, changes):
+        now = [args[down].detach()[state.seen_down["where"]].double() for down, state in moved]
+        changes = torch.stack([
+            (sample - state.seen_down["sample"]).norm()
+            / state.seen_down["sample"].norm().clamp_min(1e-12)
+            for sample, (_, state) in zip(now, moved)]).tolist()
+        for (down, state), sample, change in zip(moved, now, changes):
+            seen = state.seen_down
+            columns = None
             if change > self.REPLACED:
-                raise RuntimeError(
-                    f"ppcompile: the weights of FFN '{entry[4]}' were replaced in place since "
-                    "this model was compiled (load_state_dict, or a compile with other plan "
-                    "options that re-planned them); its plan no longer fits them. "
-                    "Compile again (torch._dynamo.reset(), then torch.compile): the compile "
-                    "checks them, puts the same weights back in their plan's neuron order and "
-                    "plans other weights anew")
-            entry[1], entry[3] = args[entry[0]]._version, sample
+                columns = _down_columns(args[down], state.d_ff)
+                if not plans.trained_in_place(columns, seen["columns"], state.perm):
+                    raise RuntimeError(
+                        f"ppcompile: the weights of FFN '{state.name}' were replaced in place "
+                        "since this model was compiled (load_state_dict, or a compile with other "
+                        "plan options that re-planned them); its plan no longer fits them. "
+                        "Compile again (torch._dynamo.reset(), then torch.compile): the compile "
+                        "checks them, puts the same weights back in their plan's neuron order "
+                        "and plans other weights anew")
+            seen.update(version=args[down]._version, sample=sample)
+            if columns is not None:
+                seen["columns"] = columns
+
+
+def _down_columns(w_down: torch.Tensor, d_ff: int) -> torch.Tensor:
+    """[d_ff, 1] float64: per neuron (in the weight's current order) the sum of its down weights
+    (a column of nn.Linear's [d, d_ff], a row of GPT-2 Conv1D's [d_ff, d])."""
+    neurons_last = w_down.shape[1] == d_ff
+    return w_down.detach().sum(0 if neurons_last else 1).double().cpu()[:, None]
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, cudagraphs=False):

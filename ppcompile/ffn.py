@@ -105,6 +105,8 @@ class SparseFFN:
     # file starts with none, so the compile that adopts it sets its tau (attach_plans._adopt)
     tau_set_by: set = field(default_factory=set, repr=False)
     methods: set = field(default_factory=set, repr=False)  # of the compiled graphs that run it
+    # what backend.WeightWatch last saw of the down weight, for every graph of the model
+    seen_down: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self._new_call_buffers()

@@ -77,7 +77,9 @@ def save_plan(compiled, path) -> None:
                          f"options ({made}); a plan file holds FFNs planned with one set")
     key = keys.pop()
     fingerprint = plans.graph_fingerprint([], [plans.sorted_columns(s.signature) for s in states])
-    plans.save(path, states, fingerprint, dict(zip(PLAN_FIELDS, key)))
+    made_on = {s.calibration for s in states}  # the data's hash, where one made them all
+    plans.save(path, states, fingerprint, dict(zip(PLAN_FIELDS, key)),
+               calibration={"sha": made_on.pop()} if len(made_on) == 1 else None)
 
 
 def report(compiled) -> Report:

@@ -674,6 +674,32 @@ def test_new_calibration_data_plans_the_same_model_anew(capsys):
     assert not any(torch.equal(a, s.router_w) for a, s in zip(first, now))
 
 
+def test_training_through_the_model_keeps_its_plan_across_recompiles():
+    """Weights trained in place (the optimizer made after the first call, as the README says)
+    keep their plan and neuron order when a new input length recompiles: re-planning them would
+    permute them under the optimizer (they had moved past the plan's 5% match)."""
+    model = tiny_model("llama")
+    compiled = compile_model(model, tau=0.7, distill_epochs=0)
+    run(compiled)
+    states = REGISTRY.states_of(list(model.parameters()))
+    perms = [s.perm.clone() for s in states]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        out = logits_of(compiled(IDS))
+        loss = torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), IDS[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "planning it again"
+        warnings.filterwarnings("ignore", message=".*(reference op|calibrat).*")
+        run(compiled, IDS[:, :9])
+    now = REGISTRY.states_of(list(model.parameters()))
+    assert all(a is b for a, b in zip(states, now))
+    assert all(torch.equal(p, s.perm) for p, s in zip(perms, now))
+    run(compiled)  # the first length's graph still runs (no "replaced in place")
+
+
 def test_a_graph_compiled_for_gradients_keeps_the_reference_op(monkeypatch):
     """On the GPU the sparse FFNs of a graph that AOT autograd differentiates stay on the torch
     reference op (the triton_op has no backward): here the weights are on the CPU and the

@@ -9,7 +9,8 @@ Guarantees: the graph is unchanged; matched FFNs get `state`, their weights in t
 order (permuted in place from the order they are found in: the original, the plan's own for weights
 saved after a compile, or any other; so applying a plan twice is a no-op); weights written in place
 since they were planned (load_state_dict) are put back in their plan's order, or, if they are other
-weights, planned anew (a warning either way); a plan file that does not fit (an FFN missing,
+weights, planned anew (a warning either way), while weights that training moved in place keep
+their plan (and order); a plan file that does not fit (an FFN missing,
 another shape, kind or expert size, other weights) is refused with an OptionError naming what
 differs; gm.meta["ppcompile_fingerprint"] holds the graph's fingerprint when the cache was
 consulted.
@@ -99,8 +100,14 @@ def _in_plan_order(ffn, state, ctx) -> bool:
     Weights are found by identity, and load_state_dict writes into the same tensors: the same
     weights in another order are permuted back; other weights lose the plan."""
     weights = ffn.weights(ctx.values)
-    order = plans.order_of(plans.neuron_columns(weights), state.signature, state.perm)
+    columns = plans.neuron_columns(weights)
+    order = plans.order_of(columns, state.signature, state.perm)
     if order is not None and torch.equal(order, state.perm):
+        return True
+    if order is None and plans.trained_in_place(columns, state.signature, state.perm):
+        # training through the compiled model (an optimizer holds these weights in the plan's
+        # order): re-planning would permute them under it. The plan follows the weights
+        state.signature = columns
         return True
     if order is not None:
         permute_neurons_(weights, torch.argsort(order)[state.perm])
@@ -169,6 +176,9 @@ def _entry_name(name: str, entries) -> str | None:
 def apply_plan(ffns, header, tensors, ctx, path, strict):
     """Give each FFN the plan's entry of the same name, after checking that it fits."""
     # plans made before FFN names lost the 'args.' of wrapped forwards still match
+    # the hash of the calibration data the plan was made on (None: not recorded)
+    made_on = (header.get("calibration") or {}).get("sha") if isinstance(
+        header.get("calibration"), dict) else None
     entries = {}
     for i, e in enumerate(header["ffns"]):
         entries.setdefault(e["name"].removeprefix("args."), []).append((i, e))
@@ -232,8 +242,7 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
             temperature_table=tensors.get(f"{i}.temperature_table"),
             perm=perm, signature=signature,
             plan_key=tuple({**PLAN_FIELD_DEFAULTS, **opts}[name] for name in PLAN_FIELDS),
-            # a cached plan was found by this calibration's hash; a plan file's data is unknown
-            calibration=None if strict else plans.data_hash(ctx.options.calibration),
+            calibration=made_on,
             plan_file=path)
         REGISTRY.put(*ffn.key_params(ctx.values), state)
         _adopt(ffn, state, ctx)
