@@ -164,3 +164,18 @@ def test_op_computes_in_its_inputs_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = torch.ops.ppcompile.sparse_ffn(*args)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_op_refuses_second_derivatives():
+    """Its backward is not differentiable: create_graph=True says so instead of dropping the
+    second-order terms."""
+    w = _ffn()
+    x = torch.randn(4, 16, requires_grad=True)
+    y, _ = torch.ops.ppcompile.sparse_ffn(x, *w.values(), torch.tensor(0.5), "silu", 8,
+                                          "prunepath")
+    (grad,) = torch.autograd.grad(y.sum(), x)  # first derivatives as before
+    assert grad.shape == x.shape
+    y, _ = torch.ops.ppcompile.sparse_ffn(x, *w.values(), torch.tensor(0.5), "silu", 8,
+                                          "prunepath")
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)

@@ -47,6 +47,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_counts):
     # Gradients flow to x and the FFN weights through the kept experts; routing has none.
+    if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
+        raise NotImplementedError("ppcompile.sparse_ffn: second derivatives (create_graph=True) "
+                                  "are not supported; its backward computes first ones only")
     x, w_up, b_up, w_gate, b_gate, w_down, b_down, router_w, router_b, tau = ctx.saved_tensors
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
