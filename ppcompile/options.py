@@ -113,8 +113,9 @@ class Options:
             raise OptionError(f"option 'plan' must be a path to a plan file, got {type(self.plan).__name__}")
         for name in ("cache", "cudagraphs"):
             value = getattr(self, name)
-            if not isinstance(value, bool):
+            if not isinstance(value, bool) and not _numpy_bool(value):
                 raise OptionError(f"option '{name}' must be a bool, got {type(value).__name__} {value!r}")
+            object.__setattr__(self, name, bool(value))
         if self.method not in METHODS:
             raise OptionError(
                 f"option 'method' must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
@@ -139,6 +140,11 @@ class Options:
         """The options that shape a plan (permutation and routers), in PLAN_FIELDS order; tau and
         method are not among them."""
         return tuple(getattr(self, name) for name in PLAN_FIELDS)
+
+
+def _numpy_bool(value) -> bool:
+    """numpy's bool scalar (ints and floats of numpy pass as numbers.Integral / Real already)."""
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
 
 
 def check_tau(tau, name="tau") -> float:

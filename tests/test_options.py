@@ -168,3 +168,12 @@ def test_inductor_modes_are_refused_with_what_to_use():
     compiled = torch.compile(tiny_model("llama"), backend="prunepath", mode="reduce-overhead")
     with pytest.raises(Exception, match="mode='reduce-overhead'.*'cudagraphs'"):
         compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_numpy_scalars_are_taken_as_python_ones():
+    np = pytest.importorskip("numpy")
+    opts = Options.from_dict({"tau": np.float32(0.5), "expert_size": np.int64(16),
+                              "cudagraphs": np.bool_(False), "cache": np.bool_(True)})
+    assert (opts.tau, opts.expert_size, opts.cudagraphs, opts.cache) == (0.5, 16, False, True)
+    assert all(type(v) in (float, int, bool) for v in (opts.tau, opts.expert_size,
+                                                       opts.cudagraphs, opts.cache))
