@@ -175,10 +175,9 @@ def _entry_name(name: str, entries) -> str | None:
 
 def apply_plan(ffns, header, tensors, ctx, path, strict):
     """Give each FFN the plan's entry of the same name, after checking that it fits."""
+    calibration = header.get("calibration")  # the hash of the data it was made on, if recorded
+    made_on = calibration.get("sha") if isinstance(calibration, dict) else None
     # plans made before FFN names lost the 'args.' of wrapped forwards still match
-    # the hash of the calibration data the plan was made on (None: not recorded)
-    made_on = (header.get("calibration") or {}).get("sha") if isinstance(
-        header.get("calibration"), dict) else None
     entries = {}
     for i, e in enumerate(header["ffns"]):
         entries.setdefault(e["name"].removeprefix("args."), []).append((i, e))
@@ -193,27 +192,25 @@ def apply_plan(ffns, header, tensors, ctx, path, strict):
         want = dict(kind=ffn.kind, activation=ffn.activation, d_model=ffn.d_model, d_ff=ffn.d_ff)
         weights = ffn.weights(ctx.values)
         columns = plans.neuron_columns(weights)
+        ours = plans.sorted_columns(columns)
         # FFNs of graphs that graph breaks split off may share a name (each one's is relative to
         # its own frame: 'mlp'); their weights tell them apart
-        i, entry = next(((i, e) for i, e in entries[name]
-                         if {k: e[k] for k in want} == want and plans.same_signature(
-                             plans.sorted_columns(columns),
-                             plans.sorted_columns(tensors[f"{i}.signature"]))),
-                        entries[name][0])
-        got = {k: entry[k] for k in want}
-        if got != want:
+        fitting = next(((i, e) for i, e in entries[name]
+                        if {k: e[k] for k in want} == want and plans.same_signature(
+                            ours, plans.sorted_columns(tensors[f"{i}.signature"]))), None)
+        if fitting is None:  # say what differs from the (first) entry of that name
             if not strict:  # a cached plan for another graph: plan this FFN afresh
                 continue
-            raise OptionError(f"option 'plan': FFN '{ffn.name}' in {path!r} is {got}, "
-                              f"but the model's is {want}")
-        stored = tensors[f"{i}.signature"]
-        if not plans.same_signature(plans.sorted_columns(columns), plans.sorted_columns(stored)):
-            if not strict:
-                continue
+            got = {k: entries[name][0][1][k] for k in want}
+            if got != want:
+                raise OptionError(f"option 'plan': FFN '{ffn.name}' in {path!r} is {got}, "
+                                  f"but the model's is {want}")
             raise OptionError(
                 f"option 'plan': {path!r} was made for other weights: the weights of FFN "
                 f"'{ffn.name}' are not the ones the plan recorded (per-neuron sums differ; a "
                 "plan fits only the weights it was made for)")
+        i, entry = fitting
+        stored = tensors[f"{i}.signature"]
         perm = tensors[f"{i}.perm"]
         if header["format"] in plans.ORDERED:
             order = plans.order_of(columns, stored, perm)
